@@ -72,6 +72,17 @@ class Serving:
 
 
 @dataclass(frozen=True)
+class MemoryOverhead:
+    """Per-GPU VRAM beyond weights and cache, in MiB; fitted on real exllamav3 loads (benchmarks/memory_calibration)."""
+
+    base_mib: float                  # CUDA context + torch/exllamav3 runtime on every used GPU
+    chunk_mib_per_token: float       # transient of the chunk_size dummy forward, per token of chunk_size
+    quant_cache_staging_mib: float   # quantized-cache staging scratch (only with a quantized cache)
+    output_gpu_mib: float            # extra on the GPU that holds the lm_head output
+    calibrated: bool                 # False while the numbers are placeholders
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     """A model, its quant catalog and its serving settings, as read from a profile file."""
 
@@ -83,6 +94,7 @@ class ModelProfile:
     serving: Serving
     reference_ppl: float
     source: Path
+    memory_overhead: MemoryOverhead
 
     def quant(self, branch: str) -> Quant:
         """The quant of that branch, or a clear error listing the known ones."""
@@ -176,6 +188,17 @@ def _check_size(reader: _Reader, arch: Architecture, quant: Quant, index: int) -
                           f"is {quant.size_gib} but bpw/head_bits give {formula_gib:.2f} GiB")
 
 
+def _memory_overhead(reader: _Reader, data: dict[str, Any]) -> MemoryOverhead:
+    """Every field of MemoryOverhead is required: a new term is a new dataclass field plus a YAML key."""
+    values: dict[str, Any] = {}
+    for name in MemoryOverhead.__dataclass_fields__:
+        if name == "calibrated":
+            values[name] = reader.get(data, name, bool, "memory_overhead.")
+        else:
+            values[name] = reader.number(data, name, "memory_overhead.", 0.0, 1e6)
+    return MemoryOverhead(**values)
+
+
 def parse_profile(data: Any, source: Path) -> ModelProfile:
     """Validate a profile's parsed YAML into a ModelProfile."""
     reader = _Reader(source)
@@ -217,6 +240,7 @@ def parse_profile(data: Any, source: Path) -> ModelProfile:
         serving=serving,
         reference_ppl=reader.number(reference, "ppl", "reference.", 1.0, 1e6),
         source=source,
+        memory_overhead=_memory_overhead(reader, reader.mapping(data.get("memory_overhead"), "memory_overhead")),
     )
 
 
