@@ -62,7 +62,7 @@ def clean_lines(log_text: str) -> list[str]:
     """Log lines without colour codes; a carriage return (progress bar redraw) keeps the last frame only."""
     lines = []
     for raw in ANSI.sub("", log_text).split("\n"):
-        line = raw.rsplit("\r", 1)[-1].strip()
+        line = raw.rstrip("\r").rsplit("\r", 1)[-1].strip()
         if line:
             lines.append(line)
     return lines
