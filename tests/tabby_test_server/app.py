@@ -1,0 +1,203 @@
+"""Start the test server like TabbyAPI starts: config.yml + api_tokens.yml from the working directory, model load
+before the port opens (or, optionally, an open port answering 503 while loading), exllamav3's OOM on request.
+
+Settings beyond TabbyAPI's own live in config.yml's `test_server:` section, each overridable by an env var:
+  bits (GLM_TEST_SERVER_BITS): weight bits of the tiny model; default: the N of "Nbpw" in model_name, else full
+      precision ("none" forces full precision)
+  seed (GLM_TEST_SERVER_SEED): weight seed, default 0
+  load_delay_s (GLM_TEST_SERVER_LOAD_DELAY_S): seconds the "model load" takes, default 0
+  port_during_load (GLM_TEST_SERVER_PORT_DURING_LOAD): "closed" (TabbyAPI's behaviour, default) or "open"
+  oom (GLM_TEST_SERVER_OOM=1): after the load delay print exllamav3's "Insufficient VRAM in split for model and
+      cache" traceback on stderr and exit 1
+  think (GLM_TEST_SERVER_THINK): the chat template makes the model reason in <think>..</think>, default true
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import TinyModel
+from .server import CACHE_MODE, OOM_MESSAGE, ModelSettings, ServerState, make_http_server
+
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+class ConfigError(Exception):
+    """config.yml is invalid (TabbyAPI refuses to start)."""
+
+
+@dataclass(frozen=True)
+class TestServerOptions:
+    """The `test_server:` section after env overrides."""
+
+    bits: int | None
+    seed: int
+    load_delay_s: float
+    port_during_load: str
+    oom: bool
+    think: bool
+
+
+def _env_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """TABBY_<SECTION>_<KEY> (scalars) and GLM_TEST_SERVER_<KEY> override config.yml, as TabbyAPI's env does."""
+    for name, raw in os.environ.items():
+        for prefix, section_of in (("TABBY_", None), ("GLM_TEST_SERVER_", "test_server")):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):].lower()
+            section, _, key = (section_of, None, rest) if section_of else rest.partition("_")
+            if section and key:
+                config.setdefault(section, {})
+                if isinstance(config[section], dict):
+                    config[section][key] = yaml.safe_load(raw)
+    return config
+
+
+def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
+    section = config.get("test_server") or {}
+    bits = section.get("bits")
+    if bits is None:
+        match = re.search(r"(\d+)bpw", model_name)
+        bits = int(match.group(1)) if match else None
+    elif str(bits).lower() == "none":
+        bits = None
+    port_during_load = str(section.get("port_during_load", "closed"))
+    if port_during_load not in ("closed", "open"):
+        raise ConfigError(f"test_server.port_during_load must be closed or open, got {port_during_load!r}")
+    return TestServerOptions(bits=None if bits is None else int(bits), seed=int(section.get("seed", 0)),
+                             load_delay_s=float(section.get("load_delay_s", 0)),
+                             port_during_load=port_during_load, oom=bool(section.get("oom", False)),
+                             think=bool(section.get("think", True)))
+
+
+def _settings(model: dict[str, Any]) -> ModelSettings | None:
+    """The model section validated like TabbyAPI validates it; None when no model_name is set."""
+    name = model.get("model_name")
+    if not name:
+        return None
+    max_seq_len = int(model.get("max_seq_len") or -1)
+    if max_seq_len <= 0:
+        max_seq_len = DEFAULT_MAX_SEQ_LEN
+    cache_size = int(model.get("cache_size") or max_seq_len)
+    if cache_size % 256:
+        raise ConfigError(f"cache_size {cache_size} is not a multiple of 256")
+    cache_mode = str(model.get("cache_mode") or "FP16")
+    if not CACHE_MODE.match(cache_mode):
+        raise ConfigError(f"invalid cache_mode {cache_mode!r}: use FP16, Q4, Q6, Q8 or \"K,V\" with 2-8 bits")
+    return ModelSettings(
+        name=str(name), max_seq_len=min(max_seq_len, cache_size), cache_size=cache_size, cache_mode=cache_mode,
+        max_batch_size=int(model.get("max_batch_size") or 1), chunk_size=int(model.get("chunk_size") or 2048),
+        reasoning=bool(model.get("reasoning", False)),
+        reasoning_start_token=str(model.get("reasoning_start_token") or "<think>"),
+        reasoning_end_token=str(model.get("reasoning_end_token") or "</think>"),
+    )
+
+
+def _auth_keys(workdir: Path) -> tuple[frozenset[str], str]:
+    """api_tokens.yml (api_key: str or list, admin_key), generated and written when missing, like TabbyAPI."""
+    path = workdir / "api_tokens.yml"
+    if not path.exists():
+        keys = {"api_key": secrets.token_hex(16), "admin_key": secrets.token_hex(16)}
+        path.write_text(yaml.safe_dump(keys), encoding="utf-8")
+        print(f"Your API key is: {keys['api_key']}\nYour admin key is: {keys['admin_key']}", flush=True)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    api_key = data.get("api_key")
+    api_keys = frozenset([api_key] if isinstance(api_key, str) else api_key or [])
+    if not api_keys or not data.get("admin_key"):
+        raise ConfigError("api_tokens.yml needs api_key and admin_key")
+    return frozenset(str(k) for k in api_keys), str(data["admin_key"])
+
+
+def load_config(workdir: Path) -> dict[str, Any]:
+    """config.yml of workdir (empty when absent) with env overrides applied."""
+    path = workdir / "config.yml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not isinstance(config, dict):
+        raise ConfigError("config.yml must be a mapping")
+    return _env_overrides(config)
+
+
+@dataclass
+class Prepared:
+    """A configured server, ready to load and bind."""
+
+    state: ServerState
+    options: TestServerOptions
+    host: str
+    port: int
+
+
+def prepare(config: dict[str, Any], workdir: Path) -> Prepared:
+    """Everything config decides, before the (simulated) load."""
+    network = config.get("network") or {}
+    model = config.get("model") or {}
+    settings = _settings(model)
+    options = _options(config, settings.name if settings else "")
+    disable_auth = bool(network.get("disable_auth", False))
+    api_keys, admin_key = (frozenset(), "") if disable_auth else _auth_keys(workdir)
+    state = ServerState(settings=settings, api_keys=api_keys, admin_key=admin_key, disable_auth=disable_auth,
+                        think=options.think)
+    return Prepared(state=state, options=options, host=str(network.get("host") or "127.0.0.1"),
+                    port=int(network.get("port") or 5000))
+
+
+def load_model(prepared: Prepared) -> None:
+    """The model load: the configured delay, then the tiny model at the configured bits (or the OOM exit)."""
+    time.sleep(prepared.options.load_delay_s)
+    if prepared.options.oom:
+        print("Traceback (most recent call last):\n"
+              '  File "/app/backends/exllamav3/model.py", line 1, in load_model\n'
+              '  File "/opt/venv/lib/python3.12/site-packages/exllamav3/model/model_ls.py", line 204, in load\n'
+              f"RuntimeError: {OOM_MESSAGE}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    if prepared.state.settings is not None:
+        prepared.state.model = TinyModel(bits=prepared.options.bits, seed=prepared.options.seed)
+
+
+def serve(prepared: Prepared) -> ThreadingHTTPServer:
+    """Load then bind (closed port during load), or bind then load in the background (open port)."""
+    if prepared.options.port_during_load == "closed":
+        load_model(prepared)
+        return make_http_server(prepared.state, prepared.host, prepared.port)
+    server = make_http_server(prepared.state, prepared.host, prepared.port)
+    threading.Thread(target=load_model, args=(prepared,), daemon=True).start()
+    return server
+
+
+def main(argv: list[str]) -> int:
+    """`python3 -m tabby_test_server [main.py] [--host H] [--port P]` in a folder holding config.yml."""
+    config = load_config(Path.cwd())
+    args = list(argv)
+    if args and args[0] == "main.py":
+        args.pop(0)  # TabbyAPI's image command is `python3 main.py --host 0.0.0.0`
+    while args:
+        flag = args.pop(0)
+        if flag in ("--host", "--port") and args:
+            config.setdefault("network", {})[flag[2:]] = args.pop(0)
+        else:
+            print(f"unknown argument {flag!r}", file=sys.stderr)
+            return 2
+    try:
+        prepared = prepare(config, Path.cwd())
+    except ConfigError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
+    server = serve(prepared)
+    host, port = server.server_address[:2]
+    print(f"INFO:     Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0

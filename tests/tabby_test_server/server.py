@@ -1,0 +1,380 @@
+"""A TabbyAPI-compatible HTTP test server over the tiny numpy model (stdlib http.server + numpy + yaml only).
+
+Shapes follow TabbyAPI main e632af4 (endpoints/OAI/types/*.py, endpoints/core/router.py, common/auth.py):
+401 {"detail": ...} without a valid key, /v1/model 503 before a model is loaded, /health 503 after any generation
+error and until restart, top-K logprobs keyed by decoded strings built with a dict comprehension (colliding
+pieces keep the last, i.e. smallest, entry), reasoning split into reasoning_content when model.reasoning is true.
+
+Test hooks (documented in README.md): a prompt or message containing ERROR_TRIGGER fails the generation and makes
+/health 503 for good; settings in config.yml's `test_server:` section or GLM_TEST_SERVER_* env vars.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from .model import EOS_ID, THINK_END_ID, THINK_ID, TinyModel
+
+ERROR_TRIGGER = "<<glm-test-server:generation-error>>"
+OOM_MESSAGE = "Insufficient VRAM in split for model and cache"
+REASONING_TOKENS = 8
+
+
+class ApiError(Exception):
+    """An HTTP error answered as FastAPI does: {"detail": message}."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The `model:` section that /v1/model reports and generation obeys."""
+
+    name: str
+    max_seq_len: int
+    cache_size: int
+    cache_mode: str
+    max_batch_size: int
+    chunk_size: int
+    reasoning: bool
+    reasoning_start_token: str
+    reasoning_end_token: str
+
+
+@dataclass
+class ServerState:
+    """What the handler threads share: settings, keys, the loaded model (None while loading) and health issues."""
+
+    settings: ModelSettings | None
+    api_keys: frozenset[str]
+    admin_key: str
+    disable_auth: bool
+    think: bool
+    model: TinyModel | None = None
+    issues: list[dict[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_issue(self, description: str) -> None:
+        """Record a generation error: /health stays 503 until restart, like TabbyAPI's HealthManager."""
+        with self.lock:
+            self.issues.append({"time": datetime.now(timezone.utc).isoformat(), "description": description})
+
+
+def _check_key(state: ServerState, headers: Any) -> None:
+    """TabbyAPI's check_api_key: X-API-Key, else Authorization: Bearer; admin keys are valid API keys."""
+    if state.disable_auth:
+        return
+    valid = state.api_keys | {state.admin_key}
+    x_api_key = headers.get("x-api-key")
+    authorization = headers.get("authorization")
+    if x_api_key:
+        if x_api_key not in valid:
+            raise ApiError(401, "Invalid API key")
+        return
+    if authorization:
+        parts = authorization.split(" ")
+        if len(parts) < 2 or parts[0].lower() != "bearer" or parts[1] not in valid:
+            raise ApiError(401, "Invalid API key")
+        return
+    raise ApiError(401, "Please provide an API key")
+
+
+def _loaded(state: ServerState) -> TinyModel:
+    """TabbyAPI's check_model_container: 503 while no model is loaded."""
+    if state.model is None or state.settings is None:
+        raise ApiError(503, "No models are currently loaded.")
+    return state.model
+
+
+def _validation_error(location: str, message: str) -> ApiError:
+    """A 422 shaped like FastAPI's request validation errors."""
+    return ApiError(422, [{"type": "value_error", "loc": ["body", location], "msg": message}])
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise _validation_error(key, f"must be a number between {low} and {high}")
+    return float(value)
+
+
+def _sample(logprobs: np.ndarray, body: dict[str, Any], rng: np.random.Generator) -> int:
+    """Pick a token with temperature / top_k / top_p / min_p; temperature 0 is greedy."""
+    temperature = _number(body, "temperature", 1.0, 0, 10)
+    if temperature == 0:
+        return int(np.argmax(logprobs))
+    probs = np.exp((logprobs - logprobs.max()) / temperature)
+    order = np.argsort(-probs, kind="stable")
+    top_k = int(_number(body, "top_k", 0, -1, 1e9))
+    keep = np.ones(len(probs), dtype=bool)
+    if top_k > 0:
+        keep[order[top_k:]] = False
+    top_p = _number(body, "top_p", 1.0, 0, 1)
+    if top_p < 1.0:
+        cumulative = np.cumsum(probs[order]) / probs.sum()
+        keep[order[np.searchsorted(cumulative, top_p) + 1:]] = False
+    min_p = _number(body, "min_p", 0.0, 0, 1)
+    keep &= probs >= min_p * probs.max()
+    probs = np.where(keep, probs, 0.0)
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
+
+
+def _top_entries(model: TinyModel, logprobs: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+    """Top-k (id, piece, logprob) in descending probability, as exllamav3's return_top_tokens gives them."""
+    order = np.argsort(-logprobs, kind="stable")[:k]
+    return [(int(i), model.tokenizer.pieces[int(i)], float(logprobs[i])) for i in order]
+
+
+@dataclass
+class Generation:
+    """One generated sequence with the per-token logprob records TabbyAPI builds (chat format)."""
+
+    ids: list[int]
+    records: list[dict[str, Any]]
+    finish_reason: str
+
+
+def _generate(state: ServerState, prompt_ids: list[int], body: dict[str, Any], top_k: int,
+              forced: dict[int, int] | None = None) -> Generation:
+    """Sample up to max_tokens tokens; forced maps a step to a token the chat template makes the model emit."""
+    model = _loaded(state)
+    settings = state.settings
+    assert settings is not None
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 0):
+        raise _validation_error("max_tokens", "must be a non-negative integer")
+    if not max_tokens:
+        max_tokens = settings.max_seq_len - len(prompt_ids) - 1
+    if len(prompt_ids) + max_tokens > settings.max_seq_len:
+        raise ApiError(400, f"Context length {len(prompt_ids) + max_tokens} is greater than max_seq_len "
+                            f"{settings.max_seq_len}. The request exceeds the available context size.")
+    rng = np.random.default_rng(len(prompt_ids))
+    ids: list[int] = []
+    records: list[dict[str, Any]] = []
+    finish_reason = "length"
+    for step in range(max_tokens):
+        logprobs = model.logprobs(prompt_ids + ids)
+        token = (forced or {}).get(step)
+        if token is None:
+            token = _sample(logprobs, body, rng)
+        if token == EOS_ID:
+            finish_reason = "stop"
+            break
+        ids.append(token)
+        record: dict[str, Any] = {"token": model.tokenizer.pieces[token], "token_id": token,
+                                  "logprob": float(logprobs[token]), "top_logprobs": []}
+        if top_k > 0:
+            record["top_logprobs"] = [{"token": piece, "token_id": i, "logprob": lp}
+                                      for i, piece, lp in _top_entries(model, logprobs, top_k)]
+        records.append(record)
+    return Generation(ids=ids, records=records, finish_reason=finish_reason)
+
+
+def _fail_if_triggered(state: ServerState, text: str, what: str) -> None:
+    """The documented way to make a generation fail (and /health go 503 for good)."""
+    if ERROR_TRIGGER in text:
+        state.add_issue("RuntimeError: test server: generation error requested by the prompt")
+        raise ApiError(503, f"{what} aborted. Maybe the model was unloaded? Please check the server console.")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/completions: string or list of strings; logprobs K -> top-K dicts keyed by decoded strings."""
+    model = _loaded(state)
+    prompts = body.get("prompt")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise _validation_error("prompt", "Input should be a valid string or a list of strings")
+    top_k = body.get("logprobs") or 0
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise _validation_error("logprobs", "must be a non-negative integer")
+    choices = []
+    prompt_tokens = completion_tokens = 0
+    for index, prompt in enumerate(prompts):
+        _fail_if_triggered(state, prompt, "Completion")
+        prompt_ids = model.tokenizer.encode(prompt)
+        generation = _generate(state, prompt_ids, body, top_k if top_k > 1 else 0)
+        logprobs = None
+        if top_k:
+            records = generation.records
+            offsets, offset = [], 0
+            for record in records:
+                offsets.append(offset)
+                offset += len(record["token"])
+            logprobs = {
+                "tokens": [r["token"] for r in records],
+                "token_logprobs": [r["logprob"] for r in records],
+                # The collision quirk: {tp.token: tp.logprob for tp in top_logprobs} keeps the last duplicate.
+                "top_logprobs": [{t["token"]: t["logprob"] for t in r["top_logprobs"]} or None for r in records],
+                "text_offset": offsets,
+            }
+        choices.append({"index": index, "finish_reason": generation.finish_reason, "eos_reason": None,
+                        "logprobs": logprobs, "text": model.tokenizer.decode(generation.ids)})
+        prompt_tokens += len(prompt_ids)
+        completion_tokens += len(generation.ids)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "choices": choices, "created": int(time.time()),
+            "model": state.settings.name if state.settings else "", "object": "text_completion",
+            "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+def chat_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The test model's chat template (GLM-like role markers)."""
+    text = "".join(f"<|{m.get('role', 'user')}|>\n{m.get('content') or ''}" for m in messages)
+    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _validation_error("messages", "Input should be a valid list of messages")
+    return messages
+
+
+def chat_completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/chat/completions; a thinking model emits <think>..</think> first (split when reasoning is on)."""
+    model = _loaded(state)
+    settings = state.settings
+    assert settings is not None
+    messages = _messages(body)
+    prompt = chat_prompt(messages)
+    _fail_if_triggered(state, prompt, "Chat completion")
+    prompt_ids = model.tokenizer.encode(prompt)
+    max_tokens = body.get("max_tokens") or 0
+    forced = {0: THINK_ID, min(REASONING_TOKENS, max(max_tokens // 2, 1)): THINK_END_ID} if state.think else None
+    top_k = body.get("top_logprobs") or 0 if body.get("logprobs") else 0
+    generation = _generate(state, prompt_ids, body, top_k, forced)
+    text = model.tokenizer.decode(generation.ids)
+    content, reasoning, span = text, None, generation.records
+    start, end = settings.reasoning_start_token, settings.reasoning_end_token
+    if settings.reasoning and text.startswith(start):
+        head, sep, tail = text[len(start):].partition(end)
+        reasoning, content = head, tail if sep else ""
+        boundary = next((i for i, r in enumerate(span) if r["token"] == end), len(span))
+        span = span[boundary + 1:]
+    message = {"role": "assistant", "content": content or None, "reasoning_content": reasoning or None,
+               "tool_calls": None, "tool_call_id": None}
+    logprobs = {"content": span} if body.get("logprobs") else None
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}",
+            "choices": [{"index": 0, "finish_reason": generation.finish_reason, "eos_reason": None,
+                         "stop_str": None, "message": message, "logprobs": logprobs}],
+            "created": int(time.time()), "model": settings.name, "object": "chat.completion",
+            "usage": _usage(len(prompt_ids), len(generation.ids))}
+
+
+def token_encode(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/token/encode: a string, or chat messages through the template (no generation prompt)."""
+    model = _loaded(state)
+    text = body.get("text")
+    if isinstance(text, list):
+        text = chat_prompt(text, add_generation_prompt=False)
+    if not isinstance(text, str):
+        raise ApiError(422, "Unable to tokenize the provided text. Check your formatting?")
+    tokens = model.tokenizer.encode(text, encode_special_tokens=body.get("encode_special_tokens", True))
+    return {"tokens": tokens, "length": len(tokens)}
+
+
+def model_card(state: ServerState) -> dict[str, Any]:
+    """GET /v1/model: TabbyAPI's ModelCard with the parameters from config.yml."""
+    _loaded(state)
+    s = state.settings
+    assert s is not None
+    return {"id": s.name, "object": "model", "created": int(time.time()), "owned_by": "tabbyAPI", "logging": None,
+            "parameters": {"max_seq_len": s.max_seq_len, "cache_size": s.cache_size, "cache_mode": s.cache_mode,
+                           "rope_scale": 1.0, "rope_alpha": 1.0, "max_batch_size": s.max_batch_size,
+                           "chunk_size": s.chunk_size, "prompt_template": "chat_template",
+                           "prompt_template_content": None, "use_vision": False, "draft": None}}
+
+
+def health(state: ServerState) -> tuple[int, dict[str, Any]]:
+    """GET /health (no auth): 200 healthy, or 503 unhealthy with every recorded issue."""
+    with state.lock:
+        issues = list(state.issues)
+    return (503 if issues else 200), {"status": "unhealthy" if issues else "healthy", "issues": issues}
+
+
+ROUTES = {
+    ("POST", "/v1/completions"): completions,
+    ("POST", "/v1/chat/completions"): chat_completions,
+    ("POST", "/v1/token/encode"): token_encode,
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the functions above; every answer is JSON."""
+
+    server_version = "tabby-test-server/1"
+    state: ServerState
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests read JSON, not access logs."""
+
+    def _send(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if method == "GET" and path == "/health":
+                self._send(*health(self.state))
+                return
+            if method == "GET" and path == "/v1/model":
+                _check_key(self.state, self.headers)
+                self._send(200, model_card(self.state))
+                return
+            route = ROUTES.get((method, path))
+            if route is None:
+                raise ApiError(404, "Not Found")
+            _check_key(self.state, self.headers)
+            length = int(self.headers.get("content-length") or 0)
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise _validation_error("body", "JSON decode error") from None
+            if not isinstance(body, dict):
+                raise _validation_error("body", "Input should be a valid dictionary")
+            self._send(200, route(self.state, body))
+        except ApiError as error:
+            self._send(error.status, {"detail": error.detail})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+
+def make_http_server(state: ServerState, host: str, port: int) -> ThreadingHTTPServer:
+    """Bind (the port opens here) a threading server whose handlers share state."""
+    handler = type("BoundHandler", (Handler,), {"state": state})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+CACHE_MODE = re.compile(r"^(FP16|Q4|Q6|Q8|[2-8],[2-8])$")
