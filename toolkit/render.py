@@ -1,7 +1,7 @@
 """Plan -> the files of one deployment (Dockerfile, config.yml, api_tokens.yml, compose.yaml, .env, render.json).
 
-Public, stable names: RenderOptions, Bundle, render_bundle(plan, out_dir, options) and tabby_config(plan) (the
-TabbyAPI config as a dict, re-exported from render_config). Everything is computed in memory first, then written
+Public, stable names: RenderOptions, Bundle, render_bundle(plan, out_dir, options), render_files (the pure part),
+tabby_config(plan) (the TabbyAPI config as a dict) and config_yaml(config, plan_digest) (its config.yml text). Everything is computed in memory first, then written
 atomically: a new --out appears whole (temp dir beside it, then one rename); an existing one has each file replaced
 by rename with render.json last, so a reader never sees a manifest describing files that are not there.
 """
@@ -40,6 +40,7 @@ __all__ = [
     "IMAGE_USER_ID",
     "Bundle",
     "RenderOptions",
+    "config_yaml",
     "dockerfile_sha256",
     "model_folder",
     "render_bundle",

@@ -334,6 +334,7 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path, capsys, argv, c
 
 
 def test_cli_plans_from_options_with_the_planner(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("toolkit.planner", reason="the planner (issue 2) has not landed")
     out = tmp_path / "out"
     assert main(["render", "--gpus", "2xH200", "--context", "65536", "--out", str(out), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)["manifest"]

@@ -72,7 +72,7 @@ def _make_plan(args: argparse.Namespace) -> Any:
 
         inventory = parse_gpu_spec(args.gpus)
     else:
-        from ..nvml import detect_nvml
+        from ..inventory import detect_nvml
 
         inventory = detect_nvml()
     return make_plan(load_profile(args.profile), inventory, request_from_args(args))
