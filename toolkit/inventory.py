@@ -40,3 +40,10 @@ class GpuInventory:
         gpus = tuple(Gpu(**{k: v for k, v in g.items() if k in Gpu.__dataclass_fields__}) for g in data["gpus"])
         return cls(gpus=gpus, source=data.get("source", "file"), driver_version=data.get("driver_version"),
                    cuda_driver_version=data.get("cuda_driver_version"), extra=data.get("extra") or {})
+
+
+def detect_nvml() -> GpuInventory:
+    """This host's GPUs from NVML, planned on their free memory; EnvironmentMissing (exit 4) without driver/GPU."""
+    from .nvml import detect_nvml as read_nvml
+
+    return read_nvml()
