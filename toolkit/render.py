@@ -1,9 +1,10 @@
-"""Plan -> the files of one deployment (Dockerfile, config.yml, api_tokens.yml, compose.yaml, .env, render.json).
+"""Plan -> the files of a deployment: Dockerfile, config.yml, api_tokens.yml, compose.yaml, .env, render.json.
 
-Public, stable names: RenderOptions, Bundle, render_bundle(plan, out_dir, options), render_files (the pure part),
-tabby_config(plan) (the TabbyAPI config as a dict) and config_yaml(config, plan_digest) (its config.yml text). Everything is computed in memory first, then written
-atomically: a new --out appears whole (temp dir beside it, then one rename); an existing one has each file replaced
-by rename with render.json last, so a reader never sees a manifest describing files that are not there.
+Public, stable names: RenderOptions, Bundle, render_bundle(plan, out_dir, options), render_files (the pure
+part), tabby_config(plan) (the TabbyAPI config as a dict) and config_yaml(config, plan_digest) (its text).
+Everything is computed in memory first, then written atomically: a new --out appears whole (temp dir beside
+it, then one rename); an existing one has each file replaced by rename with render.json last, so a reader
+never sees a manifest describing files that are not there.
 """
 
 from __future__ import annotations
@@ -60,16 +61,18 @@ _KEY_ALPHABET = set("0123456789abcdefABCDEF-_" + "ghijklmnopqrstuvwxyzGHIJKLMNOP
 class RenderOptions:
     """How to render: everything the user may choose besides the plan."""
 
-    tabby_ref: str | None = None        # None: the pinned commit from profiles/tabbyapi.yaml
-    cuda: str = "auto"                  # auto | 13 | 12
+    tabby_ref: str | None = None  # None: the pinned commit from profiles/tabbyapi.yaml
+    cuda: str = "auto"  # auto | 13 | 12
     bind: str = "127.0.0.1"
     port: int = 5000
-    models_dir: str | None = None       # absolute; None: <out>/models
-    force: bool = False                 # replace an --out whose rendered files differ
-    gpu_reservation: bool = True        # False only for CPU-only test engines (--no-gpu-reservation)
-    run_as: tuple[int, int] | None = None  # uid:gid the container runs as; None: the key file's owner (see below)
-    serving: Serving | None = None      # None: the plan's profile's serving settings
-    pin: TabbyPin | None = None         # None: profiles/tabbyapi.yaml
+    models_dir: str | None = None  # absolute; None: <out>/models
+    force: bool = False  # replace an --out whose rendered files differ
+    gpu_reservation: bool = True  # False only for CPU-only test engines (--no-gpu-reservation)
+    run_as: tuple[int, int] | None = (
+        None  # uid:gid the container runs as; None: the key file's owner (see below)
+    )
+    serving: Serving | None = None  # None: the plan's profile's serving settings
+    pin: TabbyPin | None = None  # None: profiles/tabbyapi.yaml
 
 
 @dataclass(frozen=True)
@@ -102,22 +105,27 @@ def _api_tokens(out_dir: Path) -> str:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise BadInput(f"cannot read the existing key file {path} ({exc.strerror})",
-                           "render as the user who rendered it first") from None
+            raise BadInput(
+                f"cannot read the existing key file {path} ({exc.strerror})",
+                "render as the user who rendered it first",
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError:
             data = None
         if isinstance(data, dict) and all(
-                isinstance(data.get(k), str) and 16 <= len(data[k]) <= 256 and set(data[k]) <= _KEY_ALPHABET
-                for k in ("api_key", "admin_key")):
+            isinstance(data.get(k), str) and 16 <= len(data[k]) <= 256 and set(data[k]) <= _KEY_ALPHABET
+            for k in ("api_key", "admin_key")
+        ):
             return text
         raise BadInput(f"{path} is not a valid TabbyAPI key file", "remove it to have new keys generated")
-    return yaml.safe_dump({"api_key": secrets.token_hex(32), "admin_key": secrets.token_hex(32)}, sort_keys=False)
+    return yaml.safe_dump(
+        {"api_key": secrets.token_hex(32), "admin_key": secrets.token_hex(32)}, sort_keys=False
+    )
 
 
 def _run_as(options: RenderOptions) -> tuple[int, int]:
-    """The container's uid:gid: the renderer's own ids (it owns the 0600 key file), or the image user under root."""
+    """The container's uid:gid: the renderer's ids (who own the 0600 key file), or the image user as root."""
     if options.run_as is not None:
         uid, gid = options.run_as
     elif os.getuid() == 0:
@@ -134,7 +142,9 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def render_files(plan: Plan, out_dir: Path, options: RenderOptions, api_tokens_text: str) -> dict[str, tuple[str, int]]:
+def render_files(
+    plan: Plan, out_dir: Path, options: RenderOptions, api_tokens_text: str
+) -> dict[str, tuple[str, int]]:
     """Every file of the bundle as {name: (text, mode)}: the pure part of rendering (no disk writes)."""
     pin = options.pin or load_tabby_pin()
     serving = options.serving or serving_for(plan)
@@ -142,28 +152,51 @@ def render_files(plan: Plan, out_dir: Path, options: RenderOptions, api_tokens_t
     tabby_ref = safety.git_ref(options.tabby_ref) if options.tabby_ref else pin.ref
     digest = plan.digest()
     folder = model_folder(plan)
-    models_dir = safety.host_path(options.models_dir) if options.models_dir is not None \
+    models_dir = (
+        safety.host_path(options.models_dir)
+        if options.models_dir is not None
         else safety.host_path(str(out_dir / "models"), "models directory (<out>/models)")
+    )
     by_index = {gpu.index: gpu for gpu in plan.inventory.gpus}
-    capabilities = [by_index[a.index].compute_capability if a.index in by_index else None for a in plan.per_gpu]
+    capabilities = [
+        by_index[a.index].compute_capability if a.index in by_index else None for a in plan.per_gpu
+    ]
     capabilities = [None if cc is None else safety.compute_capability(cc) for cc in capabilities]
     arch, arch_source = arch_list(capabilities)
     weights_gib = safety.finite_number(plan.weights_gib, "plan weights_gib", 0.0, 1e5)
     start_period = start_period_s(weights_gib)
-    dockerfile = render_dockerfile(DockerfileInputs(
-        model=safety.repo_id(plan.hf_repo), quant=safety.safe_name(plan.quant, "plan quant"),
-        profile=safety.safe_name(plan.profile, "plan profile"), plan_digest=digest, cuda_name=cuda.name,
-        min_driver_cuda=f"{cuda.min_driver_cuda[0]}.{cuda.min_driver_cuda[1]}", extra=cuda.extra,
-        base_image=cuda.base_image, tabby_repo=pin.repo, tabby_ref=tabby_ref, pr295_head=pin.pr295_head,
-        arch_list=arch, arch_source=arch_source, weights_gib=round(weights_gib, 2), start_period_s=start_period,
-    ))
+    dockerfile = render_dockerfile(
+        DockerfileInputs(
+            model=safety.repo_id(plan.hf_repo),
+            quant=safety.safe_name(plan.quant, "plan quant"),
+            profile=safety.safe_name(plan.profile, "plan profile"),
+            plan_digest=digest,
+            cuda_name=cuda.name,
+            min_driver_cuda=f"{cuda.min_driver_cuda[0]}.{cuda.min_driver_cuda[1]}",
+            extra=cuda.extra,
+            base_image=cuda.base_image,
+            tabby_repo=pin.repo,
+            tabby_ref=tabby_ref,
+            pr295_head=pin.pr295_head,
+            arch_list=arch,
+            arch_source=arch_source,
+            weights_gib=round(weights_gib, 2),
+            start_period_s=start_period,
+        )
+    )
     dockerfile_hash = dockerfile_sha256(dockerfile)
     uid, gid = _run_as(options)
     compose_inputs = ComposeInputs(
-        image=f"{IMAGE_REPOSITORY}:{dockerfile_hash[:16]}", model_folder=folder,
-        device_ids=tuple(plan.device_ids), gpu_reservation=options.gpu_reservation, start_period_s=start_period,
-        bind=safety.bind_address(options.bind), port=safety.port(options.port), models_dir=models_dir,
-        uid=uid, gid=gid,
+        image=f"{IMAGE_REPOSITORY}:{dockerfile_hash[:16]}",
+        model_folder=folder,
+        device_ids=tuple(plan.device_ids),
+        gpu_reservation=options.gpu_reservation,
+        start_period_s=start_period,
+        bind=safety.bind_address(options.bind),
+        port=safety.port(options.port),
+        models_dir=models_dir,
+        uid=uid,
+        gid=gid,
     )
     files: dict[str, tuple[str, int]] = {
         "Dockerfile": (dockerfile, 0o644),
@@ -259,7 +292,8 @@ def render_bundle(plan: Plan, out_dir: Path | str, options: RenderOptions | None
         ours = (out_dir / MANIFEST).is_file()
         raise BadInput(
             f"--out {out_dir} already holds {'a different rendering' if ours else 'other files'}",
-            "pass --force to replace the rendered files (the API key and other files are kept)")
+            "pass --force to replace the rendered files (the API key and other files are kept)",
+        )
     if changed:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.render-", dir=out_dir.parent))
@@ -273,10 +307,21 @@ def render_bundle(plan: Plan, out_dir: Path | str, options: RenderOptions | None
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
     return Bundle(
-        out_dir=out_dir, dockerfile=out_dir / "Dockerfile", pr295_script=out_dir / "ensure-pr295.sh",
-        config=out_dir / "config.yml", compose=out_dir / "compose.yaml", env=out_dir / ".env",
-        api_tokens=out_dir / API_TOKENS, manifest=out_dir / MANIFEST, plan=out_dir / "plan.json",
-        image=manifest["image"], dockerfile_sha256=manifest["dockerfile_sha256"], cuda=manifest["cuda"],
-        tabby_ref=manifest["tabby_ref"], models_dir=manifest["models_dir"], model_folder=manifest["model_folder"],
-        changed=changed, manifest_data=manifest,
+        out_dir=out_dir,
+        dockerfile=out_dir / "Dockerfile",
+        pr295_script=out_dir / "ensure-pr295.sh",
+        config=out_dir / "config.yml",
+        compose=out_dir / "compose.yaml",
+        env=out_dir / ".env",
+        api_tokens=out_dir / API_TOKENS,
+        manifest=out_dir / MANIFEST,
+        plan=out_dir / "plan.json",
+        image=manifest["image"],
+        dockerfile_sha256=manifest["dockerfile_sha256"],
+        cuda=manifest["cuda"],
+        tabby_ref=manifest["tabby_ref"],
+        models_dir=manifest["models_dir"],
+        model_folder=manifest["model_folder"],
+        changed=changed,
+        manifest_data=manifest,
     )

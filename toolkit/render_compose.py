@@ -1,4 +1,4 @@
-"""compose.yaml and .env for one TabbyAPI deployment, built as data and dumped as safe YAML (no text templating)."""
+"""compose.yaml and .env for one TabbyAPI deployment, built as data and dumped as safe YAML, not templated."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from . import safety
 
 SERVICE = "tabbyapi"
 CONTAINER_PORT = 5000
-# TabbyAPI's own compose (docker/docker-compose.yml at the pin): 8 GiB of /dev/shm, unlimited locked memory, many
-# open files (safetensors shards, sockets).
+# TabbyAPI's own compose (docker/docker-compose.yml at the pin): 8 GiB of /dev/shm, unlimited locked memory,
+# many open files (safetensors shards, sockets).
 SHM_SIZE = "8gb"
 NOFILE = 1048576
 LOG_MAX_SIZE = "50m"
@@ -43,37 +43,63 @@ def compose_dict(inputs: ComposeInputs) -> dict[str, Any]:
         "init": True,
         "restart": "unless-stopped",
         "user": "${GLM_UID:-10001}:${GLM_GID:-10001}",
-        "ports": [{
-            "target": CONTAINER_PORT, "published": "${GLM_PORT:-5000}", "host_ip": "${GLM_BIND:-127.0.0.1}",
-            "protocol": "tcp",
-        }],
+        "ports": [
+            {
+                "target": CONTAINER_PORT,
+                "published": "${GLM_PORT:-5000}",
+                "host_ip": "${GLM_BIND:-127.0.0.1}",
+                "protocol": "tcp",
+            }
+        ],
         "volumes": [
-            {"type": "bind", "source": f"${{GLM_MODELS_DIR:?set GLM_MODELS_DIR in .env}}/{inputs.model_folder}",
-             "target": f"/app/models/{inputs.model_folder}", "read_only": True},
+            {
+                "type": "bind",
+                "source": f"${{GLM_MODELS_DIR:?set GLM_MODELS_DIR in .env}}/{inputs.model_folder}",
+                "target": f"/app/models/{inputs.model_folder}",
+                "read_only": True,
+            },
             {"type": "bind", "source": "./config.yml", "target": "/app/config.yml", "read_only": True},
-            {"type": "bind", "source": "./api_tokens.yml", "target": "/app/api_tokens.yml", "read_only": True},
+            {
+                "type": "bind",
+                "source": "./api_tokens.yml",
+                "target": "/app/api_tokens.yml",
+                "read_only": True,
+            },
         ],
         "shm_size": SHM_SIZE,
         "ulimits": {"memlock": -1, "nofile": {"soft": NOFILE, "hard": NOFILE}},
         "healthcheck": {
             "test": ["CMD", "curl", "-fsS", f"http://127.0.0.1:{CONTAINER_PORT}/health"],
-            "interval": "30s", "timeout": "10s", "retries": 3, "start_period": f"{inputs.start_period_s}s",
+            "interval": "30s",
+            "timeout": "10s",
+            "retries": 3,
+            "start_period": f"{inputs.start_period_s}s",
         },
         "logging": {"driver": "json-file", "options": {"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILE}},
     }
     if inputs.gpu_reservation:
-        service["deploy"] = {"resources": {"reservations": {"devices": [{
-            "driver": "nvidia",
-            "device_ids": [safety.device_id(d) for d in inputs.device_ids],
-            "capabilities": ["gpu"],
-        }]}}}
+        service["deploy"] = {
+            "resources": {
+                "reservations": {
+                    "devices": [
+                        {
+                            "driver": "nvidia",
+                            "device_ids": [safety.device_id(d) for d in inputs.device_ids],
+                            "capabilities": ["gpu"],
+                        }
+                    ]
+                }
+            }
+        }
     return {"services": {SERVICE: service}}
 
 
 def compose_yaml(inputs: ComposeInputs, plan_digest: str) -> str:
     """compose.yaml text."""
-    header = ("# Rendered by glm-deploy (`deploy render`) for plan " + plan_digest + ". Do not edit: re-render.\n"
-              "# What you may change (port, bind address, models directory) lives in .env.\n")
+    header = (
+        "# Rendered by glm-deploy (`deploy render`) for plan " + plan_digest + ". Do not edit: re-render.\n"
+        "# What you may change (port, bind address, models directory) lives in .env.\n"
+    )
     if not inputs.gpu_reservation:
         header += "# No GPU reservation: rendered with --no-gpu-reservation, for CPU-only test engines.\n"
     return header + yaml.safe_dump(compose_dict(inputs), sort_keys=False, default_flow_style=False)

@@ -1,4 +1,4 @@
-"""Validators for every value that reaches a Dockerfile, a shell line, YAML or compose: reject, never escape."""
+"""Validators for every value that reaches a Dockerfile, shell line, YAML or compose: reject, never escape."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from .errors import BadInput
 
 HEX_REF = re.compile(r"^[0-9a-f]{7,40}$")
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
-# A tag or branch as git check-ref-format would accept it, narrowed to characters that are inert in sh and YAML.
+# A tag or branch as git check-ref-format would accept it, narrowed to characters that are inert in sh and
+# YAML.
 SAFE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
 # Quant branches, model folders, profile names: one path segment, no shell or YAML metacharacters.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -26,8 +27,8 @@ IMAGE_REF = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
 )
 GIT_URL = re.compile(r"^(?:https://|file:///|/)[A-Za-z0-9._~/:@+-]{1,300}$")
-# Absolute host paths: printable ASCII without quotes, backslash, `$`, backtick or anything a dotenv/YAML/shell
-# parser treats specially. Spaces are allowed (values are single-quoted in .env).
+# Absolute host paths: printable ASCII without quotes, backslash, `$`, backtick or anything a
+# dotenv/YAML/shell parser treats specially. Spaces are allowed (values are single-quoted in .env).
 HOST_PATH = re.compile(r"^/[A-Za-z0-9._/+@,=~ -]{0,4000}$")
 CACHE_MODE = re.compile(r"^([2-8]),([2-8])$")
 
@@ -41,8 +42,10 @@ def _shown(value: object) -> str:
 def git_ref(value: str, what: str = "--tabby-ref") -> str:
     """A commit (7-40 hex) or a plain tag/branch name that cannot be read as an option or a path trick."""
     if not isinstance(value, str) or not (HEX_REF.match(value) or SAFE_REF.match(value)):
-        raise BadInput(f"{what} {_shown(value)} is not a commit SHA or a safe ref name",
-                       "give 7-40 hex digits, or a tag/branch of letters, digits, '.', '_', '-', '/'")
+        raise BadInput(
+            f"{what} {_shown(value)} is not a commit SHA or a safe ref name",
+            "give 7-40 hex digits, or a tag/branch of letters, digits, '.', '_', '-', '/'",
+        )
     if ".." in value or "//" in value or value.endswith(("/", ".", ".lock")) or "/." in value:
         raise BadInput(f"{what} {_shown(value)} is not a valid git ref name", "give a commit SHA or a tag")
     return value
@@ -65,7 +68,9 @@ def safe_name(value: str, what: str) -> str:
 def repo_id(value: str, what: str = "hf_repo") -> str:
     """A Hugging Face owner/name repository id."""
     if not isinstance(value, str) or not REPO_ID.match(value):
-        raise BadInput(f"{what} {_shown(value)} is not an owner/name repository id", "fix the plan or profile")
+        raise BadInput(
+            f"{what} {_shown(value)} is not an owner/name repository id", "fix the plan or profile"
+        )
     return value
 
 
@@ -108,8 +113,10 @@ def git_url(value: str, what: str) -> str:
 def host_path(value: str, what: str = "--models-dir") -> str:
     """An absolute host path, normalised; no control characters, quotes, '$', backslashes or '..' segments."""
     if not isinstance(value, str) or not HOST_PATH.match(value):
-        raise BadInput(f"{what} {_shown(value)} is not a safe absolute path",
-                       "use an absolute path of letters, digits, spaces and ._/+@,=~-")
+        raise BadInput(
+            f"{what} {_shown(value)} is not a safe absolute path",
+            "use an absolute path of letters, digits, spaces and ._/+@,=~-",
+        )
     if ".." in value.split("/"):
         raise BadInput(f"{what} {_shown(value)} contains a '..' segment", "give the resolved absolute path")
     normal = posixpath.normpath(value)
@@ -128,8 +135,9 @@ def bind_address(value: str) -> str:
     try:
         address = ipaddress.ip_address(value)
     except (ValueError, TypeError):
-        raise BadInput(f"--bind {_shown(value)} is not an IP address", "use 127.0.0.1 (default), 0.0.0.0 or ::1") \
-            from None
+        raise BadInput(
+            f"--bind {_shown(value)} is not an IP address", "use 127.0.0.1 (default), 0.0.0.0 or ::1"
+        ) from None
     if getattr(address, "scope_id", None):
         raise BadInput(f"--bind {_shown(value)} has a zone id", "use a plain address")
     return str(address)
@@ -151,7 +159,11 @@ def positive_int(value: object, what: str, high: int = 10**7) -> int:
 
 def finite_number(value: object, what: str, low: float = 0.0, high: float = 1e7) -> float:
     """A finite number in [low, high] (GiB figures, GB per GPU)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise BadInput(f"{what} {_shown(value)} is not a number in [{low}, {high}]", "fix the plan")
     return float(value)

@@ -1,4 +1,4 @@
-"""The pinned TabbyAPI build (profiles/tabbyapi.yaml) and the choice of its CUDA variant from the host driver."""
+"""The pinned TabbyAPI build (profiles/tabbyapi.yaml) and the choice of its CUDA variant from the driver."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ CUDA_CHOICES = ("auto", "13", "12")
 class CudaVariant:
     """One TabbyAPI dependency set: its pip extra, its base image and the driver CUDA version it needs."""
 
-    name: str                       # "13" | "12"
-    extra: str                      # TabbyAPI pyproject extra: "cu13" | "cu12"
+    name: str  # "13" | "12"
+    extra: str  # TabbyAPI pyproject extra: "cu13" | "cu12"
     base_image: str
     min_driver_cuda: tuple[int, int]
     min_driver_hint: str
@@ -36,7 +36,7 @@ class TabbyPin:
     pr295_number: int
     pr295_head: str
     pr295_merged_by: str
-    cuda: tuple[CudaVariant, ...]   # newest first
+    cuda: tuple[CudaVariant, ...]  # newest first
 
     def variant(self, name: str) -> CudaVariant:
         """The CUDA variant of that name."""
@@ -70,16 +70,18 @@ def load_tabby_pin(path: Path = TABBY_PIN_FILE) -> TabbyPin:
             cuda=tuple(_variant(item) for item in data["cuda"]),
         )
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise BadInput(f"TabbyAPI pin file {path} is unreadable or malformed ({type(exc).__name__}: {exc})",
-                       "restore profiles/tabbyapi.yaml") from None
+        raise BadInput(
+            f"TabbyAPI pin file {path} is unreadable or malformed ({type(exc).__name__}: {exc})",
+            "restore profiles/tabbyapi.yaml",
+        ) from None
     return pin
 
 
 def choose_cuda(pin: TabbyPin, driver_cuda: str | None, requested: str = "auto") -> CudaVariant:
     """The newest variant the host driver runs; an unknown driver (a plan for another host) gets CUDA 12.8.
 
-    An explicit --cuda is honoured unless the detected driver is known to be too old for it (the container would
-    refuse to start: "unsatisfied condition: cuda>=X").
+    An explicit --cuda is honoured unless the detected driver is known to be too old for it (the container
+    would refuse to start: "unsatisfied condition: cuda>=X").
     """
     if requested not in CUDA_CHOICES:
         raise BadInput(f"--cuda {requested!r} is not one of {', '.join(CUDA_CHOICES)}", "use auto, 13 or 12")
@@ -90,7 +92,9 @@ def choose_cuda(pin: TabbyPin, driver_cuda: str | None, requested: str = "auto")
         if driver is not None and driver < variant.min_driver_cuda:
             raise EnvironmentMissing(
                 f"the NVIDIA driver supports CUDA {driver_cuda}, but --cuda {requested} needs CUDA "
-                f"{_version(variant.min_driver_cuda)}", f"install {variant.min_driver_hint}, or use --cuda auto")
+                f"{_version(variant.min_driver_cuda)}",
+                f"install {variant.min_driver_hint}, or use --cuda auto",
+            )
         return variant
     if driver is None:
         return oldest
@@ -99,7 +103,9 @@ def choose_cuda(pin: TabbyPin, driver_cuda: str | None, requested: str = "auto")
             return variant
     raise EnvironmentMissing(
         f"the NVIDIA driver supports CUDA {driver_cuda}; TabbyAPI's images need CUDA "
-        f"{_version(oldest.min_driver_cuda)} or newer", f"install {oldest.min_driver_hint}")
+        f"{_version(oldest.min_driver_cuda)} or newer",
+        f"install {oldest.min_driver_hint}",
+    )
 
 
 def _version(version: tuple[int, int]) -> str:

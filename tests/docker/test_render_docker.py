@@ -1,6 +1,8 @@
-"""Rendered files against the real tools: Docker Compose v2 parses every compose.yaml, and the Docker engine builds
-the rendered Dockerfile -- the same template -- up to everything that needs no network (clone, PR #295 merge, parser
-check, user, labels, health check); only the apt and pip steps are skipped (INSTALL_DEPS=0)."""
+"""Rendered files against the real tools.
+
+Docker Compose v2 parses every compose.yaml, and the Docker engine builds the rendered Dockerfile -- the same
+template -- through everything that needs no network (clone, PR #295 merge, parser check, user, labels, health
+check); only the apt and pip steps are skipped (INSTALL_DEPS=0)."""
 
 from __future__ import annotations
 
@@ -35,16 +37,25 @@ PLANS = [(1, "single"), (1, "tp"), (2, "tp"), (2, "layer"), (4, "tp"), (4, "laye
 @pytest.mark.parametrize("gpus,split", PLANS)
 def test_docker_compose_accepts_the_rendered_file(tmp_path: Path, gpus: int, split: str) -> None:
     plan = make_plan(gpus, split, "rtx4090" if gpus > 2 else "h200")
-    bundle = render_bundle(plan, tmp_path / "deploy", RenderOptions(serving=SERVING, run_as=(1000, 1000),
-                                                                    models_dir="/srv/glm models"))
-    result = subprocess.run([_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
-                            cwd=bundle.out_dir, capture_output=True, text=True, check=False)
+    bundle = render_bundle(
+        plan,
+        tmp_path / "deploy",
+        RenderOptions(serving=SERVING, run_as=(1000, 1000), models_dir="/srv/glm models"),
+    )
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
+        cwd=bundle.out_dir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     service = json.loads(result.stdout)["services"]["tabbyapi"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "device_ids": plan.device_ids, "capabilities": ["gpu"]}]
-    assert service["ports"] == [{"mode": "ingress", "host_ip": "127.0.0.1", "target": 5000, "published": "5000",
-                                 "protocol": "tcp"}]
+    assert service["ports"] == [
+        {"mode": "ingress", "host_ip": "127.0.0.1", "target": 5000, "published": "5000", "protocol": "tcp"}
+    ]
     volumes = {v["target"]: v for v in service["volumes"]}
     assert volumes[f"/app/models/{plan.quant}"]["source"] == f"/srv/glm models/{plan.quant}"
     assert volumes["/app/config.yml"]["source"] == str(bundle.config)
@@ -59,24 +70,40 @@ def test_docker_compose_accepts_the_rendered_file(tmp_path: Path, gpus: int, spl
 
 
 def test_docker_compose_reads_user_changes_from_env(tmp_path: Path) -> None:
-    bundle = render_bundle(make_plan(2, "tp", "h200"), tmp_path / "deploy",
-                           RenderOptions(serving=SERVING, run_as=(1000, 1000), bind="::1", port=8080,
-                                         models_dir="/models", gpu_reservation=False))
-    result = subprocess.run([_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
-                            cwd=bundle.out_dir, capture_output=True, text=True, check=False)
+    bundle = render_bundle(
+        make_plan(2, "tp", "h200"),
+        tmp_path / "deploy",
+        RenderOptions(
+            serving=SERVING,
+            run_as=(1000, 1000),
+            bind="::1",
+            port=8080,
+            models_dir="/models",
+            gpu_reservation=False,
+        ),
+    )
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
+        cwd=bundle.out_dir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     service = json.loads(result.stdout)["services"]["tabbyapi"]
     assert (service["ports"][0]["host_ip"], service["ports"][0]["published"]) == ("::1", "8080")
     assert "deploy" not in service
 
 
-# --- the image, built for real -----------------------------------------------------------------------------------
+# --- the image, built for real ------------------------------------------------------------------------------
+
 
 def _build(client, path: Path, tag: str, buildargs: dict[str, str], created: list[str]) -> tuple[bool, str]:
     """Build with the engine's own builder; return (ok, log) and remember every image id it made."""
     log, ok = [], True
-    for chunk in client.api.build(path=str(path), tag=tag, buildargs=buildargs, rm=True, forcerm=True,
-                                  decode=True):
+    for chunk in client.api.build(
+        path=str(path), tag=tag, buildargs=buildargs, rm=True, forcerm=True, decode=True
+    ):
         if "stream" in chunk:
             log.append(chunk["stream"])
             text = chunk["stream"].strip()
@@ -101,7 +128,9 @@ def built(docker_client, test_base_image, tmp_path_factory):
     subprocess.run(["cp", "-a", str(fixture.origin), str(context / "origin.git")], check=True)
     subprocess.run(["cp", "-a", str(fixture.broken_origin), str(context / "broken.git")], check=True)
     (context / "Dockerfile").write_text(
-        f"FROM {test_base_image}\nCOPY origin.git /fixtures/tabbyAPI.git\nCOPY broken.git /fixtures/broken.git\n")
+        f"FROM {test_base_image}\n"
+        "COPY origin.git /fixtures/tabbyAPI.git\nCOPY broken.git /fixtures/broken.git\n"
+    )
     created: list[str] = []
     tags = [f"{prefix}-base:latest", f"{prefix}-tabby:latest", f"{prefix}-broken:latest"]
     plan = make_plan(2, "tp", "h200")
@@ -109,25 +138,40 @@ def built(docker_client, test_base_image, tmp_path_factory):
     try:
         ok, log = _build(docker_client, context, tags[0], {}, created)
         assert ok, log
-        args = {"BASE_IMAGE": tags[0], "TABBY_REPO": "file:///fixtures/tabbyAPI.git", "TABBY_REF": fixture.base,
-                "PR295_HEAD": fixture.pr_head, "INSTALL_DEPS": "0"}
+        args = {
+            "BASE_IMAGE": tags[0],
+            "TABBY_REPO": "file:///fixtures/tabbyAPI.git",
+            "TABBY_REF": fixture.base,
+            "PR295_HEAD": fixture.pr_head,
+            "INSTALL_DEPS": "0",
+        }
         ok, log = _build(docker_client, bundle.out_dir, tags[1], args, created)
         broken_args = {**args, "TABBY_REPO": "file:///fixtures/broken.git", "PR295_HEAD": fixture.broken}
         broken_ok, broken_log = _build(docker_client, bundle.out_dir, tags[2], broken_args, created)
-        yield {"client": docker_client, "bundle": bundle, "plan": plan, "fixture": fixture, "tag": tags[1],
-               "ok": ok, "log": log, "broken_ok": broken_ok, "broken_log": broken_log}
+        yield {
+            "client": docker_client,
+            "bundle": bundle,
+            "plan": plan,
+            "fixture": fixture,
+            "tag": tags[1],
+            "ok": ok,
+            "log": log,
+            "broken_ok": broken_ok,
+            "broken_log": broken_log,
+        }
     finally:
-        for tag in tags:   # absent when its build failed
+        for tag in tags:  # absent when its build failed
             with contextlib.suppress(docker.errors.APIError):
                 docker_client.images.remove(tag, force=True)
-        for image_id in reversed(created):   # a parent of another of ours, or already gone
+        for image_id in reversed(created):  # a parent of another of ours, or already gone
             with contextlib.suppress(docker.errors.APIError):
                 docker_client.images.remove(image_id, force=False)
 
 
 def _run(built, command: str, user: str | None = None) -> str:
-    output = built["client"].containers.run(built["tag"], ["sh", "-c", command], user=user, remove=True,
-                                            network_disabled=True)
+    output = built["client"].containers.run(
+        built["tag"], ["sh", "-c", command], user=user, remove=True, network_disabled=True
+    )
     return output.decode()
 
 
@@ -135,11 +179,14 @@ def test_the_image_builds_and_merges_pr_295(built) -> None:
     assert built["ok"], built["log"]
     assert "lacks PR #295: fetching pull/295/head" in built["log"]
     assert "reasoning parser present" in built["log"]
-    out = _run(built, "grep -c reasoning_start_token /app/common/config_models.py; cat /app/.glm-deploy-tabby-commit;"
-                      " test -e /app/.git && echo has-git || echo no-git; test -d /app/backends/exllamav3 && echo exl3")
+    out = _run(
+        built,
+        "grep -c reasoning_start_token /app/common/config_models.py; cat /app/.glm-deploy-tabby-commit;"
+        " test -e /app/.git && echo has-git || echo no-git; test -d /app/backends/exllamav3 && echo exl3",
+    )
     count, commit, git_state, exl3 = out.split()
     assert int(count) >= 1 and git_state == "no-git" and exl3 == "exl3"
-    assert len(commit) == 40 and commit != built["fixture"].base     # a merge commit on top of the pin
+    assert len(commit) == 40 and commit != built["fixture"].base  # a merge commit on top of the pin
 
 
 def test_the_image_metadata(built) -> None:
@@ -162,8 +209,12 @@ def test_the_image_runs_unprivileged_and_holds_no_secret(built) -> None:
     found = _run(built, "find / -xdev \\( -name api_tokens.yml -o -name config.yml \\) -print", user="0:0")
     assert found.strip() == ""
     # compose runs it as the key file's owner: logs/ and $HOME must be writable by any uid, the code by none.
-    out = _run(built, "touch /app/logs/t && touch $HOME/t && echo writable; touch /app/main.py 2>/dev/null "
-                      "|| echo code-read-only", user="4242:4242")
+    out = _run(
+        built,
+        "touch /app/logs/t && touch $HOME/t && echo writable; touch /app/main.py 2>/dev/null "
+        "|| echo code-read-only",
+        user="4242:4242",
+    )
     assert out.split() == ["writable", "code-read-only"]
 
 

@@ -34,7 +34,8 @@ def _instructions(path: Path) -> list[dict]:
     return parser.structure
 
 
-# --- TabbyAPI config -------------------------------------------------------------------------------------------
+# --- TabbyAPI config ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("split,gpus", [("single", 1), ("tp", 2), ("layer", 4)])
 def test_config_carries_the_plan(split: str, gpus: int) -> None:
@@ -44,7 +45,9 @@ def test_config_carries_the_plan(split: str, gpus: int) -> None:
     assert config["network"] == {"host": "0.0.0.0", "port": 5000, "disable_auth": False}
     assert model["model_name"] == plan.quant and model["model_dir"] == "/app/models"
     assert model["max_seq_len"] == 100_000
-    assert model["cache_size"] == 100_096 and model["cache_size"] % 256 == 0 and model["cache_size"] >= 100_000
+    assert (
+        model["cache_size"] == 100_096 and model["cache_size"] % 256 == 0 and model["cache_size"] >= 100_000
+    )
     assert model["cache_mode"] == "5,4"
     assert model["tensor_parallel"] is (split == "tp")
     if split == "layer":
@@ -52,8 +55,11 @@ def test_config_carries_the_plan(split: str, gpus: int) -> None:
     else:
         assert model["gpu_split_auto"] is True and "gpu_split" not in model
     assert model["chunk_size"] == 2048
-    assert (model["reasoning"], model["reasoning_start_token"], model["reasoning_end_token"]) == \
-        (True, "<think>", "</think>")
+    assert (model["reasoning"], model["reasoning_start_token"], model["reasoning_end_token"]) == (
+        True,
+        "<think>",
+        "</think>",
+    )
     assert model["tool_format"] == "glm4_7"
     assert config["sampling"] == {"override_preset": None}
 
@@ -77,12 +83,21 @@ def test_config_serving_defaults_to_the_profile() -> None:
     assert tabby_config(make_plan(1, "single", "h200"))["model"]["tool_format"] == "glm4_7"
 
 
-# --- CUDA variant, architectures, health-check allowance ---------------------------------------------------------
+# --- CUDA variant, architectures, health-check allowance ----------------------------------------------------
 
-@pytest.mark.parametrize("driver,requested,expected", [
-    ("13.2", "auto", "13"), ("13.3", "auto", "13"), ("13.0", "auto", "12"), ("12.8", "auto", "12"),
-    (None, "auto", "12"), ("13.2", "12", "12"), (None, "13", "13"),
-])
+
+@pytest.mark.parametrize(
+    "driver,requested,expected",
+    [
+        ("13.2", "auto", "13"),
+        ("13.3", "auto", "13"),
+        ("13.0", "auto", "12"),
+        ("12.8", "auto", "12"),
+        (None, "auto", "12"),
+        ("13.2", "12", "12"),
+        (None, "13", "13"),
+    ],
+)
 def test_cuda_variant_follows_the_driver(driver, requested, expected) -> None:
     variant = choose_cuda(PIN, driver, requested)
     assert variant.name == expected
@@ -116,11 +131,12 @@ def test_arch_list_from_compute_capabilities() -> None:
 
 def test_start_period_grows_with_the_weights() -> None:
     assert start_period_s(0) == 300
-    assert start_period_s(158.0) == 1090            # a 158 GiB load is given 18 minutes
+    assert start_period_s(158.0) == 1090  # a 158 GiB load is given 18 minutes
     assert start_period_s(83) < start_period_s(158) < start_period_s(328)
 
 
-# --- Dockerfile ----------------------------------------------------------------------------------------------------
+# --- Dockerfile ---------------------------------------------------------------------------------------------
+
 
 def test_dockerfile_structure(tmp_path: Path) -> None:
     plan = make_plan(2, "tp", "h200", driver_cuda="13.2")
@@ -133,9 +149,12 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     assert any("python3.12-dev" in r for r in runs)
     assert any('"/opt/tabby-deps[cu13]"' in r for r in runs)
     assert any("ensure-pr295.sh" in r and "git clone" in r for r in runs)
-    assert parser.baseimage == "nvidia/cuda:13.2.1-runtime-ubuntu24.04"   # the ARG default, substituted
-    args = {i["value"].split("=", 1)[0]: i["value"].split("=", 1)[1].strip('"')
-            for i in parser.structure if i["instruction"] == "ARG" and "=" in i["value"]}
+    assert parser.baseimage == "nvidia/cuda:13.2.1-runtime-ubuntu24.04"  # the ARG default, substituted
+    args = {
+        i["value"].split("=", 1)[0]: i["value"].split("=", 1)[1].strip('"')
+        for i in parser.structure
+        if i["instruction"] == "ARG" and "=" in i["value"]
+    }
     assert args["BASE_IMAGE"] == "nvidia/cuda:13.2.1-runtime-ubuntu24.04"
     assert args["TABBY_REF"] == PIN.ref and re.fullmatch(r"[0-9a-f]{40}", args["TABBY_REF"])
     assert args["PR295_HEAD"] == PIN.pr295_head
@@ -147,7 +166,11 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
     assert users == ["10001:10001"]
     health = [i["value"] for i in parser.structure if i["instruction"] == "HEALTHCHECK"]
-    assert len(health) == 1 and f"--start-period={start_period_s(158.0)}s" in health[0] and "/health" in health[0]
+    assert (
+        len(health) == 1
+        and f"--start-period={start_period_s(158.0)}s" in health[0]
+        and "/health" in health[0]
+    )
     assert parser.envs["TORCH_CUDA_ARCH_LIST"] == "9.0"
     copies = [i["value"] for i in parser.structure if i["instruction"] == "COPY"]
     assert not any("api_tokens" in c or "config.yml" in c for c in copies)
@@ -164,13 +187,23 @@ def test_tabby_ref_override_and_its_validation(tmp_path: Path) -> None:
     bundle = _render(tmp_path, tabby_ref="ccd171c")
     assert 'ARG TABBY_REF="ccd171c"' in bundle.dockerfile.read_text()
     assert bundle.manifest_data["tabby_ref"] == "ccd171c"
-    for hostile in ("--upload-pack=touch /tmp/x", "main;id", "a..b", "x\nRUN id", "$(id)", "-b", "v1 2", "a.lock"):
+    for hostile in (
+        "--upload-pack=touch /tmp/x",
+        "main;id",
+        "a..b",
+        "x\nRUN id",
+        "$(id)",
+        "-b",
+        "v1 2",
+        "a.lock",
+    ):
         with pytest.raises(BadInput):
             _render(tmp_path / "bad", tabby_ref=hostile)
     assert not (tmp_path / "bad").exists()
 
 
-# --- compose and .env ----------------------------------------------------------------------------------------------
+# --- compose and .env ---------------------------------------------------------------------------------------
+
 
 def test_compose_reserves_exactly_the_planned_gpus(tmp_path: Path) -> None:
     plan = make_plan(4, "layer")
@@ -180,7 +213,10 @@ def test_compose_reserves_exactly_the_planned_gpus(tmp_path: Path) -> None:
     assert devices == [{"driver": "nvidia", "device_ids": plan.device_ids, "capabilities": ["gpu"]}]
     assert all(v["read_only"] for v in service["volumes"])
     assert {v["target"] for v in service["volumes"]} == {
-        f"/app/models/{plan.quant}", "/app/config.yml", "/app/api_tokens.yml"}
+        f"/app/models/{plan.quant}",
+        "/app/config.yml",
+        "/app/api_tokens.yml",
+    }
     assert service["ports"][0]["host_ip"] == "${GLM_BIND:-127.0.0.1}"
     assert service["healthcheck"]["start_period"] == f"{start_period_s(plan.weights_gib)}s"
     assert service["ulimits"]["memlock"] == -1 and service["restart"] == "unless-stopped"
@@ -202,8 +238,13 @@ def test_no_gpu_reservation_for_cpu_only_engines(tmp_path: Path) -> None:
 def test_env_holds_what_users_change(tmp_path: Path) -> None:
     bundle = _render(tmp_path, bind="::1", port=8443, models_dir="/data/my models/")
     env = dict(line.split("=", 1) for line in bundle.env.read_text().splitlines() if not line.startswith("#"))
-    assert env == {"GLM_BIND": "'::1'", "GLM_PORT": "'8443'", "GLM_MODELS_DIR": "'/data/my models'",
-                   "GLM_UID": "'1000'", "GLM_GID": "'1000'"}
+    assert env == {
+        "GLM_BIND": "'::1'",
+        "GLM_PORT": "'8443'",
+        "GLM_MODELS_DIR": "'/data/my models'",
+        "GLM_UID": "'1000'",
+        "GLM_GID": "'1000'",
+    }
 
 
 def test_default_models_dir_is_inside_out(tmp_path: Path) -> None:
@@ -211,17 +252,28 @@ def test_default_models_dir_is_inside_out(tmp_path: Path) -> None:
     assert bundle.models_dir == str(tmp_path / "out" / "models")
 
 
-@pytest.mark.parametrize("field,value", [
-    ("bind", "localhost"), ("bind", "127.0.0.1\nx"), ("port", 0), ("port", 70000), ("models_dir", "relative/dir"),
-    ("models_dir", "/a/$HOME"), ("models_dir", "/a/../etc"), ("models_dir", "/a\n/b"), ("models_dir", "/a'b"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("bind", "localhost"),
+        ("bind", "127.0.0.1\nx"),
+        ("port", 0),
+        ("port", 70000),
+        ("models_dir", "relative/dir"),
+        ("models_dir", "/a/$HOME"),
+        ("models_dir", "/a/../etc"),
+        ("models_dir", "/a\n/b"),
+        ("models_dir", "/a'b"),
+    ],
+)
 def test_bad_options_are_bad_input(tmp_path: Path, field: str, value) -> None:
     with pytest.raises(BadInput):
         _render(tmp_path, **{field: value})
     assert not (tmp_path / "out").exists()
 
 
-# --- keys, atomicity, idempotence ---------------------------------------------------------------------------------
+# --- keys, atomicity, idempotence ---------------------------------------------------------------------------
+
 
 def test_api_key_file_is_private_and_kept(tmp_path: Path) -> None:
     bundle = _render(tmp_path)
@@ -294,7 +346,8 @@ def test_manifest_lists_hashes_but_not_the_key(tmp_path: Path) -> None:
     assert manifest["image"].endswith(manifest["dockerfile_sha256"][:16])
 
 
-# --- the CLI ------------------------------------------------------------------------------------------------------
+# --- the CLI ------------------------------------------------------------------------------------------------
+
 
 def test_cli_renders_a_plan_file_and_never_prints_the_key(tmp_path: Path, capsys) -> None:
     plan_file = tmp_path / "plan.json"
@@ -304,25 +357,37 @@ def test_cli_renders_a_plan_file_and_never_prints_the_key(tmp_path: Path, capsys
     printed = capsys.readouterr()
     keys = yaml.safe_load((out / "api_tokens.yml").read_text())
     assert str(out / "api_tokens.yml") in printed.out
-    assert keys["api_key"] not in printed.out + printed.err and keys["admin_key"] not in printed.out + printed.err
-    assert main(["render", "--plan", str(plan_file), "--out", str(out), "--models-dir", "/srv/models",
-                 "--json"]) == 0
+    assert (
+        keys["api_key"] not in printed.out + printed.err
+        and keys["admin_key"] not in printed.out + printed.err
+    )
+    assert (
+        main(["render", "--plan", str(plan_file), "--out", str(out), "--models-dir", "/srv/models", "--json"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["changed"] is False and result["files"]["api_tokens"] == str(out / "api_tokens.yml")
     assert keys["api_key"] not in json.dumps(result)
 
 
-@pytest.mark.parametrize("argv,code,message", [
-    (["--plan", "{missing}"], 2, "cannot read plan"),
-    (["--plan", "{garbage}"], 2, "is not a `deploy plan --json` object"),
-    (["--plan", "{plan}", "--gpus", "2xH200"], 2, "cannot be combined"),
-    (["--plan", "{plan}", "--port", "http"], 2, "not a TCP port"),
-    (["--plan", "{plan}", "--bind", "0.0.0.0\nRUN id"], 2, "not an IP address"),
-    (["--plan", "{old_driver}"], 4, "570"),
-])
+@pytest.mark.parametrize(
+    "argv,code,message",
+    [
+        (["--plan", "{missing}"], 2, "cannot read plan"),
+        (["--plan", "{garbage}"], 2, "is not a `deploy plan --json` object"),
+        (["--plan", "{plan}", "--gpus", "2xH200"], 2, "cannot be combined"),
+        (["--plan", "{plan}", "--port", "http"], 2, "not a TCP port"),
+        (["--plan", "{plan}", "--bind", "0.0.0.0\nRUN id"], 2, "not an IP address"),
+        (["--plan", "{old_driver}"], 4, "570"),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path, capsys, argv, code, message) -> None:
-    files = {"missing": tmp_path / "nope.json", "garbage": tmp_path / "garbage.json", "plan": tmp_path / "plan.json",
-             "old_driver": tmp_path / "old.json"}
+    files = {
+        "missing": tmp_path / "nope.json",
+        "garbage": tmp_path / "garbage.json",
+        "plan": tmp_path / "plan.json",
+        "old_driver": tmp_path / "old.json",
+    }
     files["garbage"].write_text('{"profile": "glm-4.7"}')
     files["plan"].write_text(json.dumps(make_plan(1, "single", "h200").to_dict()))
     files["old_driver"].write_text(json.dumps(make_plan(1, "single", "h200", driver_cuda="12.4").to_dict()))
@@ -340,4 +405,4 @@ def test_cli_plans_from_options_with_the_planner(tmp_path: Path, capsys) -> None
     manifest = json.loads(capsys.readouterr().out)["manifest"]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["context"] >= 65536 and manifest["quant"] == plan["quant"]
-    assert manifest["torch_cuda_arch_list"] == DEFAULT_ARCH_LIST   # a spec has no compute capabilities
+    assert manifest["torch_cuda_arch_list"] == DEFAULT_ARCH_LIST  # a spec has no compute capabilities

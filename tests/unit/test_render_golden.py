@@ -1,6 +1,7 @@
 """Golden files: the full rendering of two reference plans, reviewed by eye once.
 
-Regenerate after an intended change with GLM_DEPLOY_UPDATE_GOLDEN=1 python3 -m pytest tests/unit/test_render_golden.py
+Regenerate after an intended change with
+    GLM_DEPLOY_UPDATE_GOLDEN=1 python3 -m pytest tests/unit/test_render_golden.py
 and review the diff (git diff tests/unit/golden/) before committing it.
 """
 
@@ -16,16 +17,33 @@ from toolkit.render import API_TOKENS, RenderOptions, render_files
 
 GOLDEN = Path(__file__).with_name("golden")
 UPDATE = os.environ.get("GLM_DEPLOY_UPDATE_GOLDEN") == "1"
-# Not a secret: a fixed stand-in so the goldens do not depend on `secrets`; api_tokens.yml is never a golden file.
+# Not a secret: a fixed stand-in so the goldens do not depend on `secrets`; api_tokens.yml is never a golden
+# file.
 TOKENS = "api_key: 00000000000000000000000000000000\nadmin_key: 11111111111111111111111111111111\n"
 
 REFERENCES = {
     # 8 x RTX 4090, layer split, CUDA 12.8 driver: the consumer multi-GPU case.
-    "8x24GiB-layer": make_plan(8, "layer", "rtx4090", quant="3.84bpw-tuned", weights_gib=158.0, context=65536,
-                               cache_mode="6,5", driver_cuda="12.8"),
+    "8x24GiB-layer": make_plan(
+        8,
+        "layer",
+        "rtx4090",
+        quant="3.84bpw-tuned",
+        weights_gib=158.0,
+        context=65536,
+        cache_mode="6,5",
+        driver_cuda="12.8",
+    ),
     # 2 x H200, tensor parallel, CUDA 13.2 driver: the datacenter case, full context.
-    "2xH200-tp": make_plan(2, "tp", "h200", quant="5bpw_H8", weights_gib=206.0, context=202752, cache_mode="8,8",
-                           driver_cuda="13.2"),
+    "2xH200-tp": make_plan(
+        2,
+        "tp",
+        "h200",
+        quant="5bpw_H8",
+        weights_gib=206.0,
+        context=202752,
+        cache_mode="8,8",
+        driver_cuda="13.2",
+    ),
 }
 
 
@@ -42,5 +60,7 @@ def test_rendering_matches_the_golden_files(name: str) -> None:
     expected = {p.name for p in folder.iterdir()}
     assert expected == set(files) - {API_TOKENS}
     for file_name in sorted(expected):
-        assert files[file_name][0] == (folder / file_name).read_text(), \
-            f"{name}/{file_name} differs from its golden file (GLM_DEPLOY_UPDATE_GOLDEN=1 regenerates; review the diff)"
+        assert files[file_name][0] == (folder / file_name).read_text(), (
+            f"{name}/{file_name} differs from its golden file "
+            "(GLM_DEPLOY_UPDATE_GOLDEN=1 regenerates; review the diff)"
+        )

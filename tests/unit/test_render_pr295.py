@@ -21,7 +21,9 @@ def fixture(tmp_path_factory) -> TabbyFixture:
 def script(tmp_path_factory) -> Path:
     """The script as a rendered bundle ships it (the very file the Dockerfile COPYs)."""
     out = tmp_path_factory.mktemp("bundle") / "out"
-    bundle = render_bundle(make_plan(1, "single", "h200"), out, RenderOptions(serving=SERVING, run_as=(1000, 1000)))
+    bundle = render_bundle(
+        make_plan(1, "single", "h200"), out, RenderOptions(serving=SERVING, run_as=(1000, 1000))
+    )
     return bundle.pr295_script
 
 
@@ -34,8 +36,14 @@ def _checkout(tmp_path: Path, origin: Path, ref: str) -> Path:
 
 
 def _run(script: Path, checkout: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(script), *args], cwd=checkout, env=clean_git_env(checkout.parent),
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["sh", str(script), *args],
+        cwd=checkout,
+        env=clean_git_env(checkout.parent),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def test_a_base_without_the_pr_gets_it_merged_conflict_resolved(fixture, script, tmp_path) -> None:
@@ -46,7 +54,9 @@ def test_a_base_without_the_pr_gets_it_merged_conflict_resolved(fixture, script,
     parents = git(checkout, "rev-list", "--parents", "-n", "1", "HEAD").split()[1:]
     assert parents == [fixture.base, fixture.pr_head]
     # The config_sample.yml conflict went to the PR's side (-X theirs) ...
-    assert (checkout / "config_sample.yml").read_text() == git(checkout, "show", f"{fixture.pr_head}:config_sample.yml") + "\n"
+    assert (checkout / "config_sample.yml").read_text() == git(
+        checkout, "show", f"{fixture.pr_head}:config_sample.yml"
+    ) + "\n"
     # ... and main's own work is kept: a merge, not a checkout of the PR head (which cannot load EXL3).
     assert (checkout / "backends/exllamav3/model.py").is_file()
     assert "reasoning_start_token" in (checkout / "common/config_models.py").read_text()
