@@ -1,0 +1,182 @@
+"""The TabbyAPI-compatible test server: shapes and quirks the verify code (and other helpers' tests) rely on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from tests.tabby_test_server import testing
+from tests.tabby_test_server.model import TinyModel
+from tests.tabby_test_server.server import ERROR_TRIGGER, OOM_MESSAGE
+from toolkit.verify.kl import full_kl
+
+KEY = "server-test-key-77aa"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny-6bpw", "cache_mode": "6,5",
+                                                           "reasoning": True})
+    yield running
+    running.stop()
+
+
+def _post(server, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers={"X-API-Key": key} if key else {}, timeout=30)
+
+
+def test_auth_like_tabbyapi(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    missing = httpx.get(f"{server.url}/v1/model")
+    assert missing.status_code == 401 and missing.json() == {"detail": "Please provide an API key"}
+    assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": "nope"}).json() == {"detail": "Invalid API key"}
+    assert httpx.get(f"{server.url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": f"admin-{KEY}"}).status_code == 200
+    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1}, key=None).status_code == 401
+
+
+def test_model_card_reports_config(server):
+    card = httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).json()
+    assert card["id"] == "tiny-6bpw"
+    assert (card["parameters"]["max_seq_len"], card["parameters"]["cache_size"],
+            card["parameters"]["cache_mode"]) == (4096, 4096, "6,5")
+
+
+def test_top_logprobs_are_keyed_by_decoded_strings_and_collide(server):
+    model = TinyModel(bits=6)
+    prompt = "Über die Brücke gehen wir nach Hause, während die Glocken läuten"
+    body = {"prompt": prompt, "max_tokens": 1, "logprobs": 300, "temperature": 1, "top_p": 1, "top_k": 0,
+            "min_p": 0}
+    top = _post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    logprobs = model.logprobs(model.tokenizer.encode(prompt))
+    order = np.argsort(-logprobs, kind="stable")[:300]
+    replacement = [logprobs[i] for i in order if model.tokenizer.pieces[i] == "\ufffd"]
+    assert len(replacement) > 1, "the test needs colliding pieces in the top-K"
+    assert len(top) == 300 - len(replacement) + 1
+    assert top["\ufffd"] == pytest.approx(min(replacement))  # the dict keeps the last (smallest) duplicate
+    assert next(iter(top)) == model.tokenizer.pieces[order[0]]
+
+
+def test_list_prompt_gives_one_choice_per_prompt(server):
+    data = _post(server, "/v1/completions", {"prompt": ["The river", "def f(x):"], "max_tokens": 1,
+                                              "logprobs": 5}).json()
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+    assert all(len(c["logprobs"]["top_logprobs"][0]) <= 5 for c in data["choices"])
+    assert _post(server, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 1}).status_code == 422
+
+
+def test_chat_splits_reasoning_when_configured(server, tmp_path):
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 24, "logprobs": True,
+            "top_logprobs": 3}
+    message = _post(server, "/v1/chat/completions", body).json()["choices"][0]
+    assert message["message"]["reasoning_content"] and "<think>" not in (message["message"]["content"] or "")
+    assert all(len(entry["top_logprobs"]) == 3 and "token_id" in entry for entry in message["logprobs"]["content"])
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    raw = testing.start(raw_dir, api_key=KEY, model={"model_name": "tiny", "reasoning": False})
+    try:
+        plain = _post(raw, "/v1/chat/completions", body).json()["choices"][0]["message"]
+    finally:
+        raw.stop()
+    assert plain["content"].startswith("<think>") and plain["reasoning_content"] is None
+
+
+def test_generation_error_makes_health_503_for_good(server):
+    failed = _post(server, "/v1/completions", {"prompt": f"x {ERROR_TRIGGER}", "max_tokens": 1})
+    assert failed.status_code == 503
+    assert _post(server, "/v1/completions", {"prompt": "fine", "max_tokens": 1}).status_code == 200
+    for _ in range(2):
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert "generation error" in health.json()["issues"][0]["description"]
+
+
+def test_context_overflow_is_rejected(server):
+    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 10**6}).status_code == 400
+
+
+def test_open_port_answers_503_until_the_model_is_loaded(tmp_path):
+    server = testing.start(tmp_path, api_key=KEY, test_server={"load_delay_s": 1.0, "port_during_load": "open"})
+    try:
+        early = httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY})
+        assert early.status_code == 503 and early.json() == {"detail": "No models are currently loaded."}
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        time.sleep(1.5)
+        assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_closed_port_during_load_like_tabbyapi(tmp_path):
+    server = testing.start(tmp_path, api_key=KEY, test_server={"load_delay_s": 1.0})
+    try:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/health")
+        time.sleep(1.5)
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_no_model_name_means_no_model(tmp_path):
+    server = testing.start(tmp_path, api_key=KEY, model={"model_name": None})
+    try:
+        assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 503
+    finally:
+        server.stop()
+
+
+def _run_server_process(workdir: Path, config: dict, env: dict[str, str] | None = None,
+                        timeout: float = 20) -> subprocess.CompletedProcess:
+    (workdir / "config.yml").write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "tests.tabby_test_server"], check=False, cwd=workdir,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_oom_mode_prints_exllamav3_message_and_exits(tmp_path):
+    config = {"network": {"port": testing.free_port()}, "model": {"model_name": "tiny"}}
+    by_env = _run_server_process(tmp_path, config, {"GLM_TEST_SERVER_OOM": "1"})
+    assert by_env.returncode == 1 and f"RuntimeError: {OOM_MESSAGE}" in by_env.stderr
+    by_config = _run_server_process(tmp_path, {**config, "test_server": {"oom": True}})
+    assert by_config.returncode == 1 and OOM_MESSAGE in by_config.stderr
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"model_name": "tiny", "cache_size": 1000}, "multiple of 256"),
+    ({"model_name": "tiny", "cache_mode": "k5v4"}, "invalid cache_mode"),
+])
+def test_invalid_config_refuses_to_start(tmp_path, model, message):
+    result = _run_server_process(tmp_path, {"network": {"port": testing.free_port()}, "model": model})
+    assert result.returncode == 1 and message in result.stderr
+
+
+def test_missing_api_tokens_are_generated(tmp_path):
+    from tests.tabby_test_server.app import prepare
+
+    prepared = prepare({"model": {"model_name": "tiny"}}, tmp_path)
+    tokens = yaml.safe_load((tmp_path / "api_tokens.yml").read_text())
+    assert prepared.state.api_keys == {tokens["api_key"]} and prepared.state.admin_key == tokens["admin_key"]
+
+
+def test_weights_degrade_as_bits_drop():
+    full = TinyModel()
+    ids = full.tokenizer.encode("The light on the water, the people of the city and the river at night")
+    kl = {bits: np.mean([full_kl(full.logprobs(ids[:n]), TinyModel(bits=bits).logprobs(ids[:n]))
+                         for n in range(4, len(ids))]) for bits in (8, 6, 4, 3)}
+    assert 0 < kl[8] < kl[6] < kl[4] < kl[3]
+
+
+def test_tokenizer_round_trips_multilingual_text():
+    tokenizer = TinyModel().tokenizer
+    for text in ("héllo wörld", "清晨的市场", "def f(x):\n    return x", "<think>a</think>b"):
+        assert tokenizer.decode(tokenizer.encode(text)) == text

@@ -1,0 +1,1 @@
+"""Verify a live TabbyAPI endpoint: health, readiness, function, and a KL spot-check against a reference."""

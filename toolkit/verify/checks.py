@@ -1,0 +1,316 @@
+"""The verification checks against a live TabbyAPI endpoint: liveness, readiness, function, tokenizer, KL.
+
+`run_verify(VerifyRequest) -> VerifyReport` is the whole pipeline stage; the CLI (and `deploy up`, which knows
+the expected model from its deployment state) only build the request and render the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import ServerError, TabbyClient
+from .kl import KlSummary, position_kl, side_from_entries, summarize
+from .reference import KIND_DEPLOYMENT, KIND_FULL_PRECISION, TOKENIZER_PROBE, Reference, probe_identity
+
+# With a full-precision reference and no --max-kl, the served mean may exceed the profile's measured
+# KL(FP16 || quant) for the expected quant by this factor. Why 1.5: our figure is a lower bound (top-K coarse
+# graining) on different text than the card's wikitext, so it sits near or below the card's value for a healthy
+# quant, while the next smaller quant in the GLM-4.7 catalog has >= 1.3-2x the KL (4bpw 0.136 vs 3bpw 0.285,
+# 3bpw vs 2bpw 0.759): a wrong branch, broken weights or a broken cache lands well above 1.5x. It cannot tell
+# 6 from 8 bpw (0.078 vs 0.072); pin --max-kl for that.
+KL_TOLERANCE_FACTOR = 1.5
+# A reference recorded from an earlier deployment: the same quant served again gives KL ~ 0 (the same kernels;
+# batching and cache quantization add ~1e-3). 0.02 nats flags a changed quant or corrupted weights; tighten with
+# --max-kl when the earlier deployment is known to be identical.
+REGRESSION_MAX_KL = 0.02
+SERVED_TOP_K = 100
+FUNCTION_PROMPT = "Reply with one short sentence: what is the capital of France?"
+FUNCTION_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's outcome, as --json and JUnit report it."""
+
+    name: str
+    passed: bool
+    detail: str
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """What the live server must be serving (from flags, or from a local deployment's state)."""
+
+    model_id: str | None = None
+    cache_mode: str | None = None
+    context: int | None = None
+    quant: str | None = None
+    reasoning_markers: tuple[str, ...] = ("<think>", "</think>")
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """Everything `deploy verify` needs."""
+
+    url: str
+    api_key: str | None
+    expect: Expectations = field(default_factory=Expectations)
+    reference: Reference | None = None
+    max_kl: float | None = None
+    prompts: int | None = None
+    profile: str = "glm-4.7"
+    wait_s: float = 0.0
+    top_k: int = SERVED_TOP_K
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class PositionResult:
+    """One measured position (kept so that two runs can be compared position by position)."""
+
+    prompt: str
+    tokens: int
+    kl: float
+    top1_match: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of every check, the KL summary and what it cost."""
+
+    url: str
+    checks: tuple[Check, ...]
+    model: dict[str, Any] | None
+    kl: KlSummary | None
+    kl_threshold: float | None
+    kl_threshold_source: str
+    per_position: tuple[PositionResult, ...]
+    kl_server_seconds: float
+    total_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        """Every check passed."""
+        return all(c.passed for c in self.checks)
+
+
+def _not_run(name: str, reason: str) -> Check:
+    return Check(name=name, passed=False, detail=f"not run: {reason}", skipped=True)
+
+
+def wait_until_ready(client: TabbyClient, wait_s: float) -> None:
+    """Poll until /health and /v1/model answer 200 (TabbyAPI closes its port while loading), or time runs out."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            health = client.health()
+            if health.status_code == 503 and health.issues:
+                return  # sticky: it will not recover
+            if health.status_code == 200:
+                client.model()
+                return
+        except ServerError as error:
+            if error.status == 401:
+                return
+        time.sleep(1.0)
+
+
+def check_liveness(client: TabbyClient) -> Check:
+    """/health must be 200; a 503 lists TabbyAPI's issues (sticky until restart)."""
+    started = time.monotonic()
+    health = client.health()
+    elapsed = time.monotonic() - started
+    if health.status_code == 200:
+        return Check("liveness", True, "/health 200 healthy", elapsed)
+    if health.status_code == 503:
+        issues = "; ".join(health.issues) or "no issues listed"
+        return Check("liveness", False, f"/health 503 unhealthy (sticky until restart): {issues}", elapsed)
+    return Check("liveness", False, f"/health answered HTTP {health.status_code}", elapsed)
+
+
+def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, dict[str, Any] | None]:
+    """/v1/model must name the expected model and report the expected cache mode and context."""
+    started = time.monotonic()
+    try:
+        card = client.model()
+    except ServerError as error:
+        hint = " (no model loaded yet: TabbyAPI answers 503 until the load finishes)" if error.status == 503 else ""
+        return Check("readiness", False, f"{error}{hint}", time.monotonic() - started), None
+    elapsed = time.monotonic() - started
+    parameters = card.get("parameters") or {}
+    served = {"id": card.get("id"), "cache_mode": parameters.get("cache_mode"),
+              "max_seq_len": parameters.get("max_seq_len"), "cache_size": parameters.get("cache_size")}
+    problems = []
+    if expect.model_id is not None and served["id"] != expect.model_id:
+        problems.append(f"model id is {served['id']!r}, expected {expect.model_id!r}")
+    if expect.cache_mode is not None and str(served["cache_mode"]) != expect.cache_mode:
+        problems.append(f"cache_mode is {served['cache_mode']!r}, expected {expect.cache_mode!r}")
+    if expect.context is not None and served["max_seq_len"] != expect.context:
+        problems.append(f"max_seq_len is {served['max_seq_len']}, expected {expect.context}")
+    summary = (f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
+               f"cache_size {served['cache_size']}")
+    if problems:
+        return Check("readiness", False, "; ".join(problems) + f" (serving {summary})", elapsed), served
+    return Check("readiness", True, summary, elapsed), served
+
+
+def check_function(client: TabbyClient, expect: Expectations) -> Check:
+    """A chat completion returns text; reasoning, when present, arrives as reasoning_content (PR #295)."""
+    started = time.monotonic()
+    try:
+        message = client.chat([{"role": "user", "content": FUNCTION_PROMPT}], FUNCTION_MAX_TOKENS)
+    except ServerError as error:
+        return Check("function", False, str(error), time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content") or ""
+    if not isinstance(content, str) or not isinstance(reasoning, str):
+        return Check("function", False, "chat message content is not text", elapsed)
+    leaked = [m for m in expect.reasoning_markers if m in content]
+    if leaked:
+        return Check("function", False, f"reasoning markers {', '.join(leaked)} are in content: the server does not "
+                                        "split reasoning (TabbyAPI needs PR #295 and model.reasoning: true)", elapsed)
+    if not content.strip() and not reasoning.strip():
+        return Check("function", False, "chat completion returned no text", elapsed)
+    parts = [f"content {len(content)} chars"] + ([f"reasoning_content {len(reasoning)} chars"] if reasoning else [])
+    return Check("function", True, "chat completion returned " + ", ".join(parts), elapsed)
+
+
+def check_tokenizer(client: TabbyClient, reference: Reference) -> Check:
+    """The served tokenizer must encode the probe string to the reference's ids (else KL compares nonsense)."""
+    started = time.monotonic()
+    expected = reference.tokenizer.get("probe_ids_sha256")
+    probe = reference.tokenizer.get("probe") or TOKENIZER_PROBE
+    try:
+        ids = client.encode(probe, add_bos_token=bool(reference.settings.get("add_bos_token", False)))
+    except ServerError as error:
+        return Check("tokenizer", False, str(error), time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    if not expected:
+        return Check("tokenizer", True, "reference records no tokenizer identity; not compared", elapsed)
+    if probe_identity(ids) != expected:
+        return Check("tokenizer", False, "the served tokenizer encodes the probe differently from the reference's "
+                                         "(a different model or tokenizer)", elapsed)
+    return Check("tokenizer", True, f"probe encodes identically ({len(ids)} tokens)", elapsed)
+
+
+def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float | None, str]:
+    """The bound the mean KL must stay under, and where it comes from (see the constants above)."""
+    if request.max_kl is not None:
+        return request.max_kl, "--max-kl"
+    reference = request.reference
+    assert reference is not None
+    if reference.kind != KIND_FULL_PRECISION:
+        return REGRESSION_MAX_KL, f"regression bound {REGRESSION_MAX_KL} vs a {reference.kind} reference"
+    from ..profiles import load_profile
+
+    profile = load_profile(request.profile)
+    quant_name = request.expect.quant
+    if quant_name is None and served_id:
+        matches = [q.branch for q in profile.quants if q.branch in served_id]
+        quant_name = max(matches, key=len) if matches else None
+    if quant_name is not None:
+        quant = profile.quant(quant_name)
+        return (quant.kl_ref_quant * KL_TOLERANCE_FACTOR,
+                f"{profile.name} {quant.branch}: measured KL {quant.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}")
+    worst = max(profile.quants, key=lambda q: q.kl_ref_quant)
+    source = (f"no quant named (--expect-quant): {profile.name}'s worst quant {worst.branch} "
+              f"{worst.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}")
+    return worst.kl_ref_quant * KL_TOLERANCE_FACTOR, source
+
+
+def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, top_k: int) \
+        -> tuple[list[PositionResult], float]:
+    """Teacher-forced top-K at every reference prefix (one request per prompt) and the per-position KL bound."""
+    collisions = reference.vocab_collisions or {}
+    add_bos = bool(reference.settings.get("add_bos_token", False))
+    results: list[PositionResult] = []
+    seconds = 0.0
+    for prompt in reference.prompts[:prompts]:
+        if not prompt.positions:
+            continue
+        started = time.monotonic()
+        served = client.next_token_logprobs([p.prefix for p in prompt.positions], top_k, add_bos)
+        seconds += time.monotonic() - started
+        for position, entries in zip(prompt.positions, served):
+            ref_side = side_from_entries(position.entries(), collisions)
+            served_side = side_from_entries(entries, collisions)
+            results.append(PositionResult(prompt=prompt.name, tokens=position.token_count,
+                                          kl=position_kl(ref_side, served_side, collisions),
+                                          top1_match=ref_side.top1 == served_side.top1))
+    return results, seconds
+
+
+def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None) \
+        -> tuple[Check, KlSummary | None, list[PositionResult], float, float | None, str]:
+    """KL spot-check against the reference: fail when the mean exceeds the threshold."""
+    reference = request.reference
+    assert reference is not None
+    threshold, source = kl_threshold(request, served_id)
+    top_k = request.top_k
+    if reference.kind == KIND_DEPLOYMENT:
+        # Same K as recorded: a TabbyAPI dict keeps the last of the colliding entries, so only equal K collapses
+        # collisions identically on both sides (recorded references do not know the vocabulary's collisions).
+        top_k = int(reference.settings.get("top_k") or top_k)
+    started = time.monotonic()
+    try:
+        results, seconds = measure_kl(client, reference, request.prompts, top_k)
+    except ServerError as error:
+        return Check("kl", False, str(error), time.monotonic() - started), None, [], 0.0, threshold, source
+    elapsed = time.monotonic() - started
+    if not results:
+        return Check("kl", False, "the reference has no positions", elapsed), None, [], seconds, threshold, source
+    prompt_index = {name: i for i, name in enumerate(dict.fromkeys(r.prompt for r in results))}
+    summary = summarize([r.kl for r in results], [prompt_index[r.prompt] for r in results],
+                        [r.top1_match for r in results])
+    text = (f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
+            f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
+            f"{threshold:.4g} ({source})")
+    passed = threshold is not None and summary.mean <= threshold
+    return Check("kl", passed, text, elapsed), summary, results, seconds, threshold, source
+
+
+def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> VerifyReport:
+    """Run every check in order; a failed prerequisite marks the later checks as not run (failed)."""
+    started = time.monotonic()
+    own = client is None
+    client = client or TabbyClient(request.url, request.api_key, timeout_s=request.timeout_s)
+    checks: list[Check] = []
+    served: dict[str, Any] | None = None
+    summary: KlSummary | None = None
+    results: list[PositionResult] = []
+    kl_seconds = 0.0
+    threshold: float | None = None
+    source = ""
+    try:
+        if request.wait_s > 0:
+            wait_until_ready(client, request.wait_s)
+        try:
+            checks.append(check_liveness(client))
+        except ServerError as error:
+            checks.append(Check("liveness", False, f"unreachable: {error}"))
+            for name in ("readiness", "function") + (("tokenizer", "kl") if request.reference else ()):
+                checks.append(_not_run(name, "the server is unreachable"))
+            return VerifyReport(request.url, tuple(checks), None, None, None, "", (), 0.0,
+                                time.monotonic() - started)
+        readiness, served = check_readiness(client, request.expect)
+        checks.append(readiness)
+        checks.append(check_function(client, request.expect))
+        if request.reference is not None:
+            tokenizer = check_tokenizer(client, request.reference)
+            checks.append(tokenizer)
+            if tokenizer.passed:
+                kl_check, summary, results, kl_seconds, threshold, source = check_kl(
+                    client, request, served["id"] if served else None)
+                checks.append(kl_check)
+            else:
+                checks.append(_not_run("kl", "the tokenizer check failed"))
+    finally:
+        if own:
+            client.close()
+    return VerifyReport(request.url, tuple(checks), served, summary, threshold, source, tuple(results),
+                        kl_seconds, time.monotonic() - started)

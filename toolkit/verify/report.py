@@ -1,0 +1,57 @@
+"""Render a VerifyReport: one JSON object for machines, JUnit XML for CI systems."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text
+from .checks import VerifyReport
+
+
+def report_dict(report: VerifyReport) -> dict[str, Any]:
+    """The --json object: passed, checks [{name, passed, detail}], kl {...} or null, top1_agreement."""
+    kl = report.kl.as_dict() if report.kl else None
+    if kl is not None:
+        kl["threshold"] = report.kl_threshold
+        kl["threshold_source"] = report.kl_threshold_source
+        kl["estimator"] = "lower bound: top-K coarse-grained KL(reference || served), see toolkit/verify/kl.py"
+    return {
+        "passed": report.passed,
+        "url": report.url,
+        "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail, "skipped": c.skipped,
+                    "seconds": round(c.seconds, 3)} for c in report.checks],
+        "model": report.model,
+        "kl": kl,
+        "top1_agreement": report.kl.top1_agreement if report.kl else None,
+        "per_position": [{"prompt": r.prompt, "tokens": r.tokens, "kl": r.kl, "top1_match": r.top1_match}
+                         for r in report.per_position],
+        "timing": {"kl_requests_s": round(report.kl_server_seconds, 3), "total_s": round(report.total_seconds, 3)},
+    }
+
+
+def junit_xml(report: VerifyReport) -> str:
+    """A JUnit XML document: one testsuite, one testcase per check (failure or skipped when not passed)."""
+    failures = sum(1 for c in report.checks if not c.passed and not c.skipped)
+    skipped = sum(1 for c in report.checks if c.skipped)
+    suites = ET.Element("testsuites")
+    suite = ET.SubElement(suites, "testsuite", name="deploy verify", tests=str(len(report.checks)),
+                          failures=str(failures), errors="0", skipped=str(skipped),
+                          time=f"{report.total_seconds:.3f}")
+    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="url", value=report.url)
+    for check in report.checks:
+        case = ET.SubElement(suite, "testcase", classname="deploy.verify", name=check.name,
+                             time=f"{check.seconds:.3f}")
+        if check.skipped:
+            ET.SubElement(case, "skipped", message=check.detail)
+        elif not check.passed:
+            ET.SubElement(case, "failure", message=check.detail, type="VerificationFailed").text = check.detail
+        else:
+            ET.SubElement(case, "system-out").text = check.detail
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_junit(report: VerifyReport, path: Path) -> None:
+    """Write the JUnit file atomically."""
+    write_text(path, junit_xml(report))
