@@ -20,17 +20,26 @@ CRASH_LOOP_RESTARTS = 3
 class Diagnosis:
     """What went wrong, the log line that shows it, what to do, and the exit code."""
 
-    kind: str  # oom | cuda-driver | no-gpu-runtime | missing-model | port-conflict | host-oom | crash-loop | exited
+    kind: str  # oom | cuda-driver | no-gpu-runtime | missing-model | ulimit-denied | port-conflict | host-oom
+    #            | crash-loop | exited
     message: str
     hint: str
     exit_code: int
     evidence: str
 
-    def error(self) -> ToolkitError:
+    def error(self) -> DiagnosedFailure:
         """The diagnosis as the error the CLI prints (one line) and exits with."""
-        error = ToolkitError(self.message + (f" (log: {self.evidence})" if self.evidence else ""), self.hint)
-        error.exit_code = self.exit_code
-        return error
+        return DiagnosedFailure(self)
+
+
+class DiagnosedFailure(ToolkitError):
+    """A failure explained from the container's log; keeps the diagnosis (e.g. for --retry-smaller on "oom")."""
+
+    def __init__(self, diagnosis: Diagnosis) -> None:
+        evidence = f" (log: {diagnosis.evidence})" if diagnosis.evidence else ""
+        super().__init__(diagnosis.message + evidence, diagnosis.hint)
+        self.diagnosis = diagnosis
+        self.exit_code = diagnosis.exit_code
 
 
 # (kind, pattern, message, hint, exit code), first match wins; checked against every log line, newest first.
@@ -52,6 +61,10 @@ RULES: tuple[tuple[str, re.Pattern[str], str, str, int], ...] = (
                                  r"Model (?:directory|path).*(?:does not exist|not found)", re.IGNORECASE),
      "the model files are missing inside the container",
      "run `deploy fetch-model` for this out dir, then `deploy up`", EXIT_ENVIRONMENT),
+    ("ulimit-denied", re.compile(r"error setting rlimit|setrlimit.*operation not permitted"),
+     "the Docker engine may not raise the container's ulimits (memlock/nofile from compose.yaml)",
+     "run dockerd as root with LimitMEMLOCK=infinity and LimitNOFILE=1048576 (systemd unit), then retry",
+     EXIT_ENVIRONMENT),
     ("port-conflict", re.compile(r"address already in use|port is already allocated|\[Errno 98\]"),
      "the port is already in use",
      "stop what holds it (ss -ltnp) or choose another with --port", EXIT_ENVIRONMENT),

@@ -1,0 +1,251 @@
+"""Deploy for real on the Docker engine: fetch-model -> up -> status -> logs -> down through the `deploy` CLI.
+
+The image is the TabbyAPI-compatible test server (tests/tabby_test_server), built once per session through the
+toolkit's own engine.build_image path. The rendered TabbyAPI Dockerfile needs CUDA images and PyPI, which CI cannot
+reach, so each test tags the test-server image with the name the rendering expects (what `deploy build` would have
+produced). GPU requests are off through the explicit --no-gpu option; nothing in the docker SDK is mocked.
+The model comes from the fake hub (tests/fake_hf_hub, a test double of Hugging Face) through HF_ENDPOINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from docker.errors import ImageNotFound
+
+from tests.fake_hf_hub import FakeHub, FakeRepo
+from tests.tabby_test_server.image import CONTEXT_DIR
+from tests.tabby_test_server.testing import free_port
+from toolkit import engine, state
+from toolkit.commands.lifecycle import load_deployment, replan
+from toolkit.gpu_spec import parse_gpu_spec
+from toolkit.plan import PlanRequest
+from toolkit.planner import make_plan
+from toolkit.profiles import load_profile
+from toolkit.render import RenderOptions, render_bundle
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO = "mratsim/GLM-4.7-EXL3"
+QUANT = "3bpw_H6"  # 2-bit test-server weights babble special tokens; 3 bits keep the function check meaningful
+
+
+@pytest.fixture(scope="session")
+def tabby_image(docker_client, test_base_image) -> Iterator[str]:
+    """The test server image, built once through engine.build_image (streamed; reused when its hash label matches)."""
+    tag = f"glmdt-deploy-tabby:{secrets.token_hex(4)}"
+    built = engine.build_image(docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image})
+    yield built.id
+    docker_client.images.remove(tag)
+
+
+@pytest.fixture(scope="session")
+def fake_hub(tmp_path_factory) -> Iterator[FakeHub]:
+    """The fake hub serving a small quant folder as branch 3bpw_H6 of the model repo."""
+    folder = tmp_path_factory.mktemp("quant")
+    (folder / "config.json").write_text('{"architectures": ["Glm4MoeForCausalLM"]}')
+    (folder / "model-00001-of-00001.safetensors").write_bytes(os.urandom(3 * 2**20))
+    with FakeHub([FakeRepo(REPO, {QUANT: folder})]) as hub:
+        yield hub
+
+
+@dataclass
+class Site:
+    """One rendered deployment in a temp folder, plus what the test created on the engine."""
+
+    out: Path
+    models: Path
+    port: int
+    env: dict[str, str]
+    tags: list[str]
+
+    def deploy(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real CLI in a subprocess, as a user would."""
+        return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], cwd=ROOT, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=300, check=False)
+
+
+def _plan(context: int):
+    return make_plan(load_profile("glm-4.7"), parse_gpu_spec("1x144GiB"), PlanRequest(quant=QUANT, context=context))
+
+
+def _options(site: Site) -> RenderOptions:
+    return RenderOptions(port=site.port, models_dir=str(site.models), gpu_reservation=False, force=True)
+
+
+def _tag_as_rendered(docker_client, image_id: str, site: Site) -> None:
+    """Give the test-server image the name this rendering's compose.yaml runs (what `deploy build` makes)."""
+    name = load_deployment(site.out).manifest["image"]
+    repository, _, version = name.rpartition(":")
+    docker_client.images.get(image_id).tag(repository, version)
+    site.tags.append(name)
+
+
+@pytest.fixture()
+def site(docker_client, tabby_image, fake_hub, tmp_path) -> Iterator[Site]:
+    """A deployment rendered for 3bpw_H6 at 64k context, CPU-only, on a free port; cleaned up afterwards."""
+    env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "", "PYTHONPATH": str(ROOT)}
+    env.pop("GLM_DEPLOY_NO_GPU", None)
+    site = Site(out=tmp_path / "out", models=tmp_path / "models", port=free_port(), env=env, tags=[])
+    render_bundle(_plan(65536), site.out, _options(site))
+    _tag_as_rendered(docker_client, tabby_image, site)
+    try:
+        yield site
+    finally:
+        container = engine.find_container(docker_client, state.default_container_name(site.out))
+        if container is not None:
+            container.remove(force=True)
+        for tag in dict.fromkeys(site.tags):
+            with contextlib.suppress(ImageNotFound):  # the same tag may have been added twice
+                docker_client.images.remove(tag)
+
+
+def _json(result: subprocess.CompletedProcess[str]) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> None:
+    fetched = _json(site.deploy("fetch-model", "--out", str(site.out), "--json"))
+    assert fetched["revision"] == QUANT and not fetched["reused"]
+    assert _json(site.deploy("fetch-model", "--out", str(site.out), "--json"))["reused"]
+
+    up = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
+    assert up["action"] == "created" and up["url"] == f"http://127.0.0.1:{site.port}"
+    assert up["model"]["id"] == QUANT and up["model"]["parameters"]["max_seq_len"] == 65536
+    container = docker_client.containers.get(up["container"])
+    ports = container.attrs["HostConfig"]["PortBindings"]["5000/tcp"]
+    assert ports == [{"HostIp": "127.0.0.1", "HostPort": str(site.port)}]
+    mounts = {m["Destination"]: m["RW"] for m in container.attrs["Mounts"]}
+    assert mounts == {"/app/config.yml": False, "/app/api_tokens.yml": False, f"/app/models/{QUANT}": False}
+    assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    assert not container.attrs["HostConfig"].get("DeviceRequests")  # --no-gpu: no GPU request at all
+    state_file = site.out / state.STATE_NAME
+    assert (state_file.stat().st_mode & 0o777) == 0o600
+    assert json.loads(state_file.read_text())["container_id"] == container.id
+
+    again = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
+    assert again["action"] == "kept" and docker_client.containers.get(again["container"]).id == container.id
+    named = docker_client.containers.list(all=True, filters={"label": f"{engine.LABEL_OUT_DIR}={site.out}"})
+    assert [c.id for c in named] == [container.id]  # converged, not duplicated
+
+    status = _json(site.deploy("status", "--out", str(site.out), "--json"))
+    assert status["state"] == "running" and status["health"] == 200
+    assert status["model"] == {"id": QUANT, "max_seq_len": 65536, "cache_mode": up["model"]["parameters"]["cache_mode"],
+                               "cache_size": up["model"]["parameters"]["cache_size"]}
+    assert status["gpus"] is None and "unavailable" in status["nvml"]  # no NVML on this host, and it says so
+
+    logs = site.deploy("logs", "--out", str(site.out), "--tail", "20")
+    assert logs.returncode == 0 and "Uvicorn running on http://0.0.0.0:5000" in logs.stdout
+
+    render_bundle(_plan(40960), site.out, _options(site))  # a changed plan: the container must be replaced
+    _tag_as_rendered(docker_client, tabby_image, site)
+    changed = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
+    assert changed["action"] == "replaced" and changed["model"]["parameters"]["max_seq_len"] == 40960
+
+    down = site.deploy("down", "--out", str(site.out))
+    assert down.returncode == 0, down.stderr
+    assert engine.find_container(docker_client, changed["container"]) is None and not state_file.exists()
+    assert (site.models / QUANT / "config.json").is_file() and (site.out / "api_tokens.yml").is_file()
+    purge = site.deploy("down", "--out", str(site.out), "--purge")
+    assert purge.returncode == 0 and not (site.models / QUANT).exists() and not (site.out / "api_tokens.yml").exists()
+
+
+def test_oom_is_diagnosed_and_retry_smaller_recovers(docker_client, tabby_image, site: Site, tmp_path) -> None:
+    assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
+    config = site.out / "config.yml"
+    config.write_text(config.read_text() + "test_server:\n  oom: true\n")  # the server prints exllamav3's OOM, exits
+
+    failed = site.deploy("up", "--out", str(site.out), "--no-gpu", "--ready-timeout", "120")
+    assert failed.returncode == 3, failed.stderr
+    assert "did not fit in GPU memory" in failed.stderr and "Insufficient VRAM" in failed.stderr
+    container = docker_client.containers.get(state.default_container_name(site.out))
+    assert container.status == "exited"  # stopped: no restart loop left behind
+
+    # The retry re-renders for half the context; its image name is known by re-planning a copy the same way.
+    preview = tmp_path / "preview"
+    shutil.copytree(site.out, preview)
+    retried = replan(load_deployment(preview), 32768)
+    assert retried.manifest["image"] != load_deployment(site.out).manifest["image"]
+    repository, _, version = retried.manifest["image"].rpartition(":")
+    docker_client.images.get(tabby_image).tag(repository, version)
+    site.tags.append(retried.manifest["image"])
+
+    result = site.deploy("up", "--out", str(site.out), "--no-gpu", "--retry-smaller", "--json")
+    outcome = _json(result)
+    assert "re-planning with context 32768" in result.stderr
+    assert outcome["retried_context"] == 32768 and outcome["model"]["parameters"]["max_seq_len"] == 32768
+
+
+def test_port_in_use_is_exit_4(site: Site) -> None:
+    assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", site.port))
+        holder.listen()
+        result = site.deploy("up", "--out", str(site.out), "--no-gpu")
+    assert result.returncode == 4
+    assert f"port {site.port} on 127.0.0.1 is already in use" in result.stderr and "--port" in result.stderr
+
+
+def test_unreachable_engine_is_exit_4(site: Site, tmp_path) -> None:
+    dead = f"unix://{tmp_path}/no-docker.sock"
+    for command in (["up", "--no-gpu"], ["status"], ["down"]):
+        result = site.deploy(command[0], "--out", str(site.out), *command[1:], env={"DOCKER_HOST": dead})
+        assert result.returncode == 4, result.stderr
+        assert f"Docker engine not reachable at {dead}" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_up_without_the_model_says_fetch_first(site: Site) -> None:
+    result = site.deploy("up", "--out", str(site.out), "--no-gpu")
+    assert result.returncode == 4 and "deploy fetch-model" in result.stderr
+
+
+def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -> None:
+    args = ["auto", "--out", str(site.out), "--gpus", "1x144GiB", "--quant", QUANT, "--context", "65536",
+            "--port", str(site.port), "--models-dir", str(site.models), "--no-gpu", "--skip-build"]
+    refused = site.deploy(*args)  # no terminal to ask on, no --yes
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+
+    first = _json(site.deploy(*args, "--yes", "--json"))
+    assert first["ok"] and first["stage"] == "done" and first["action"] == "created"
+    assert {c["name"]: c["passed"] for c in first["verify"]} == {"liveness": True, "readiness": True,
+                                                                 "function": True}
+    assert first["api_key_file"] == str(site.out / "api_tokens.yml")
+    key = (site.out / "api_tokens.yml").read_text()
+    assert "sed -n" in first["curl"] and key.split("api_key:")[1].split()[0] not in json.dumps(first)
+
+    second = _json(site.deploy(*args, "--yes", "--json"))
+    assert second["action"] == "kept" and second["container"] == first["container"]
+    assert second["model"]["reused"]
+
+    human = site.deploy(*args, "--yes")
+    assert human.returncode == 0 and f"endpoint: http://127.0.0.1:{site.port}/v1" in human.stdout
+    curl = next(line for line in human.stdout.splitlines() if line.startswith("try: curl"))
+    answer = subprocess.run(["bash", "-c", curl.removeprefix("try: ")], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert answer.returncode == 0 and json.loads(answer.stdout)["choices"][0]["message"]["content"]
+
+
+def test_build_reuses_an_image_with_the_same_hash(docker_client, tabby_image, test_base_image) -> None:
+    tag = f"glmdt-deploy-tabby:{secrets.token_hex(4)}"
+    lines: list[str] = []
+    try:
+        again = engine.build_image(docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image},
+                                   on_line=lines.append)
+        assert again.reused and again.id == tabby_image and not lines  # no build ran
+        assert tag in docker_client.images.get(tabby_image).tags
+    finally:
+        docker_client.images.remove(tag)
