@@ -37,6 +37,8 @@ def print_inventory(inventory: GpuInventory) -> None:
     from ..output import console
 
     out = console()
+    if not out.is_terminal:
+        out.width = 200  # pipes and logs get whole bus ids and UUIDs
     out.print(f"driver {inventory.driver_version or '?'}, CUDA driver {inventory.cuda_driver_version or '?'}")
     table = Table(show_edge=False, pad_edge=False)
     for header in ("GPU", "name", "total MiB", "free MiB", "used MiB", "CC", "PCI bus", "UUID"):
