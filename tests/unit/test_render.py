@@ -318,7 +318,8 @@ def test_a_foreign_non_empty_out_needs_force(tmp_path: Path) -> None:
         _render(tmp_path)
 
 
-def test_a_write_failure_leaves_no_half_written_directory(tmp_path: Path, monkeypatch) -> None:
+def _fail_fourth_fsync(monkeypatch) -> None:
+    """Make the fourth file write fail as a full disk would."""
     calls = {"n": 0}
     real_fsync = os.fsync
 
@@ -329,9 +330,23 @@ def test_a_write_failure_leaves_no_half_written_directory(tmp_path: Path, monkey
         real_fsync(fd)
 
     monkeypatch.setattr(render_module.os, "fsync", failing_fsync)
+
+
+def test_a_write_failure_leaves_no_half_written_directory(tmp_path: Path, monkeypatch) -> None:
+    _fail_fourth_fsync(monkeypatch)
     with pytest.raises(OSError):
         _render(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_failure_leaves_an_existing_rendering_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    first = _render(tmp_path)
+    before = {p.name: p.read_bytes() for p in first.out_dir.iterdir()}
+    _fail_fourth_fsync(monkeypatch)
+    with pytest.raises(OSError):
+        _render(tmp_path, make_plan(4, "layer"), force=True)
+    assert {p.name: p.read_bytes() for p in first.out_dir.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_manifest_lists_hashes_but_not_the_key(tmp_path: Path) -> None:
