@@ -115,17 +115,15 @@ def wait_ready(url: str, api_key: str, expect: Expectation, *, timeout_s: float,
 
 
 def _raise_if_failed(container: Any) -> None:
-    """A container that exited or restarted is diagnosed from its log; a known failure ends the wait at once."""
+    """A known failure in the log, an exit or a crash loop ends the wait at once with the diagnosis."""
     state = engine.status(container)
-    if state.running and state.restart_count == 0:
-        return
     if state.status == "created":
         return
     log = engine.read_logs(container, tail=400)
-    found = diagnose(log, exit_code=state.exit_code if not state.running else None,
-                     restart_count=state.restart_count, oom_killed=state.oom_killed)
-    if found is None and state.running:
-        return
-    if found is None:
+    stopped = not state.running
+    found = diagnose(log, exit_code=state.exit_code if stopped else None, restart_count=state.restart_count,
+                     oom_killed=state.oom_killed)
+    if found is not None:
+        raise found.error()
+    if stopped:
         raise VerificationFailed(f"the server stopped ({state.status})", "see `deploy logs`")
-    raise found.error()

@@ -17,18 +17,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from docker.errors import ImageNotFound
+from docker.errors import APIError, ImageNotFound
 
 from tests.fake_hf_hub import FakeHub, FakeRepo
 from tests.tabby_test_server.image import CONTEXT_DIR
 from tests.tabby_test_server.testing import free_port
 from toolkit import engine, state
 from toolkit.commands.lifecycle import load_deployment, replan
+from toolkit.diagnose import DiagnosedFailure
 from toolkit.gpu_spec import parse_gpu_spec
 from toolkit.plan import PlanRequest
 from toolkit.planner import make_plan
@@ -48,6 +50,12 @@ def tabby_image(docker_client, test_base_image) -> Iterator[str]:
     tag = f"glmdt-deploy-tabby:{secrets.token_hex(4)}"
     built = engine.build_image(docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image})
     yield built.id
+    for _ in range(20):  # a container being removed still holds the image for a moment
+        try:
+            docker_client.images.remove(tag)
+            return
+        except APIError:
+            time.sleep(0.5)
     docker_client.images.remove(tag)
 
 
@@ -249,3 +257,21 @@ def test_build_reuses_an_image_with_the_same_hash(docker_client, tabby_image, te
         assert tag in docker_client.images.get(tabby_image).tags
     finally:
         docker_client.images.remove(tag)
+
+
+def test_gpu_deployment_on_an_engine_without_nvidia_runtime(docker_client, tabby_image, site: Site) -> None:
+    """Without --no-gpu the GPU request is real: preflight refuses (exit 4), and so does the engine itself."""
+    if engine.gpu_runtime_present(docker_client):
+        pytest.skip("this engine has the NVIDIA runtime: the refusal path cannot be shown here")
+    render_bundle(_plan(65536), site.out, RenderOptions(port=site.port, models_dir=str(site.models), force=True))
+    _tag_as_rendered(docker_client, tabby_image, site)
+    assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
+    refused = site.deploy("up", "--out", str(site.out))
+    assert refused.returncode == 4 and "no NVIDIA runtime" in refused.stderr and "nvidia-ctk" in refused.stderr
+
+    spec = engine.spec_from_compose(site.out / "compose.yaml", name=state.default_container_name(site.out))
+    assert spec.gpu_device_ids == tuple(load_deployment(site.out).plan.device_ids)
+    with pytest.raises(DiagnosedFailure) as failure:  # past preflight: the engine rejects the device request
+        engine.converge(docker_client, engine.RunSpec(**{**spec.__dict__, "ulimits": ()}), site.out)
+    assert failure.value.diagnosis.kind == "no-gpu-runtime" and failure.value.exit_code == 4
+    assert engine.find_container(docker_client, spec.name) is None  # nothing half-created is left

@@ -291,6 +291,7 @@ def _image_cuda(dep: Deployment) -> str | None:
 def status_data(dep: Deployment, client: Any) -> dict[str, Any]:
     """Container state, health, the served model, and GPU memory per device (NVML) against the plan."""
     from .. import engine, state
+    from ..diagnose import diagnose
     from ..verify.client import ServerError, TabbyClient, read_api_key
 
     record = state.load_state(dep.out_dir)
@@ -306,6 +307,12 @@ def status_data(dep: Deployment, client: Any) -> dict[str, Any]:
         data["container"] = {"name": current.name, "id": current.id[:12], "status": current.status,
                              "restart_count": current.restart_count, "health": current.health,
                              "exit_code": current.exit_code}
+        if not current.running or current.restart_count:
+            found = diagnose(engine.read_logs(container, tail=400), exit_code=current.exit_code,
+                             restart_count=current.restart_count, oom_killed=current.oom_killed)
+            if found is not None:
+                data["diagnosis"] = {"kind": found.kind, "message": found.message, "hint": found.hint,
+                                     "evidence": found.evidence}
         if current.running:
             with closing(TabbyClient(dep.url, read_api_key(str(dep.api_tokens)), timeout_s=5.0)) as tabby:
                 try:
@@ -486,6 +493,9 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"deployment {dep.out_dir}: {data['state']}"
           + (f" (container {container['name']}, restarts {container['restart_count']}, health "
              f"{container['health'] or '-'})" if container else ""))
+    if data.get("diagnosis"):
+        print(f"  problem: {data['diagnosis']['message']} (log: {data['diagnosis']['evidence']}) -- "
+              f"{data['diagnosis']['hint']}")
     if data["health"] is not None:
         print(f"  {dep.url}/health: {data['health']}")
     if data["model"]:
