@@ -11,10 +11,12 @@ The rules (pure; no NVML, no I/O):
   maximum. --quant fixes the quant and only maximizes context.
 - Cache mode `auto`: the ladder FP16, 8,8, 8,7, 7,7, 7,6, 6,6, 6,5, 5,5, 5,4, 4,4, 4,3, 3,3, 3,2, 2,2 (each step
   one bit per K/V pair less). The quant is chosen as if the cache were 5,4, the floor the model card recommends
-  ("k5v4" / "k6v5"); modes below 5,4 are used only when no quant fits with 5,4 at the required context. Then the
-  chosen quant gets the highest mode of the ladder that still fits the required context, except that FP16 is taken
-  only when it reaches the model's full context (8-bit K/V is practically lossless, so FP16's 2.1x memory buys
-  nothing until memory is no constraint). An explicit mode is honoured exactly.
+  ("k5v4" / "k6v5"). Then the chosen quant gets the highest mode of the ladder that still fits the required
+  context, except that FP16 is taken only when it reaches the model's full context (8-bit K/V is practically
+  lossless, so FP16's 2.1x memory buys nothing until memory is no constraint). Only when no quant fits with 5,4 at
+  the required context does it go below the floor, one step at a time (4,4, 4,3, 3,3, 3,2, 2,2): the first mode at
+  which some quant fits, with the best quant at that mode; below the card's floor the cache loses quality fast, so
+  as few cache bits as possible are given up. An explicit mode is honoured exactly.
 - Split `auto`: one GPU is `single`. On several GPUs both tensor parallel (only up to one GPU per KV head) and layer
   split are tried; the better result wins (the lower-KL quant, then the higher-quality cache mode, then the longer
   maximum context) and a tie goes to tensor parallel, where every GPU works on every token. A layer split that
@@ -211,14 +213,14 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
     if fixed_mode:
         tiers: list[tuple[CacheMode, ...]] = [(fixed_mode,)]
     else:
-        tiers = [ABOVE_FLOOR, CACHE_LADDER]
+        tiers = [ABOVE_FLOOR, *((mode,) for mode in CACHE_LADDER[len(ABOVE_FLOOR):])]
     winner: Choice | None = None
     probe_mode = tiers[0][-1]
     for tier in tiers:
         probe_mode = tier[-1]  # the cheapest mode of the tier decides which quant fits
         quant = next((q for q in candidates if search.fits(q, probe_mode, required_tokens)), None)
         if quant is not None:
-            winner = _choose_mode(search, quant, tier, required_tokens)
+            winner = _choose_mode(search, quant, tier, required_tokens, fp16_needs_full_context=not fixed_mode)
             break
     if winner is None:
         raise NoFit(*_closest_option(search, profile, candidates, probe_mode, required, fixed_mode, fixed_quant))
@@ -232,10 +234,11 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
                        rejected)
 
 
-def _choose_mode(search: _Search, quant: Quant, tier: Sequence[CacheMode], required_tokens: int) -> Choice:
-    """The highest mode of the tier that fits the required context (FP16 only if it reaches the full context)."""
+def _choose_mode(search: _Search, quant: Quant, tier: Sequence[CacheMode], required_tokens: int,
+                 fp16_needs_full_context: bool) -> Choice:
+    """The highest mode of the tier that fits the required context (auto: FP16 only if it reaches the full one)."""
     for mode in tier:
-        tokens = search.cap_tokens if mode == FP16 and len(tier) > 1 else required_tokens
+        tokens = search.cap_tokens if mode == FP16 and fp16_needs_full_context else required_tokens
         choice = search.best_split(quant, mode, tokens)
         if choice is not None:
             return choice
@@ -283,16 +286,19 @@ def _closest_option(search: _Search, profile: ModelProfile, candidates: Sequence
     """The NoFit message and hint: the nearest thing that would fit (another cache mode, less context, a quant)."""
     required_tokens = cache_size_tokens(required)
     what = f"{fixed_quant.branch} does not fit" if fixed_quant else f"no {profile.name} quant fits"
-    message = f"{what} at {required} tokens of context with cache {probe_mode.label}"
+    even = "with" if fixed_mode else "even with"
+    message = f"{what} at {required} tokens of context {even} cache {probe_mode.label}"
     if fixed_mode is not None:
         for mode in CACHE_LADDER:
             quant = next((q for q in candidates if search.fits(q, mode, required_tokens)), None)
             if quant is not None:
                 return message, f"{quant.branch} fits with --cache {mode.label}"
-    for quant in candidates:
-        tokens = max(search.max_tokens(quant, probe_mode, split) for split in search.splits)
-        if tokens:
-            return message, f"{quant.branch} fits with up to {tokens} tokens: try --context {tokens}"
+    for mode in (fixed_mode,) if fixed_mode else (CACHE_FLOOR, probe_mode):
+        for quant in candidates:
+            tokens = max(search.max_tokens(quant, mode, split) for split in search.splits)
+            if tokens:
+                return message, (f"{quant.branch} fits with up to {tokens} tokens at cache {mode.label}: "
+                                 f"try --context {tokens}")
     if fixed_quant is not None:
         others = sorted(profile.quants, key=lambda q: q.kl_ref_quant)
         quant = next((q for q in others if search.fits(q, probe_mode, required_tokens)), None)

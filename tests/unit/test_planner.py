@@ -38,6 +38,10 @@ def quant_or_none(free_mib: list[int], **request: object) -> str | None:
         return None
 
 
+def usable_of(plan: Plan) -> list[int]:
+    return [g.free_mib - plan.headroom_mib for g in plan.inventory.gpus]
+
+
 def mode_of(plan: Plan) -> memory.CacheMode:
     return memory.parse_cache_mode(plan.cache_mode)
 
@@ -72,7 +76,7 @@ def test_expected_quality_is_the_kl_from_fp16_to_the_quant() -> None:
 def test_without_a_context_request_the_context_is_the_maximum_that_fits() -> None:
     plan = plan_for("8x24GiB")
     assert plan.context == plan.max_context
-    search = _Search(PROFILE, [a.usable_mib for a in plan.per_gpu], ("tp",))
+    search = _Search(PROFILE, usable_of(plan), ("tp",))
     assert not search.place(PROFILE.quant(plan.quant), mode_of(plan), "tp", plan.cache_size + 256).fits
 
 
@@ -112,7 +116,7 @@ def test_auto_cache_is_the_highest_mode_that_fits_the_required_context() -> None
     assert ladder.index(mode) <= ladder.index(CACHE_FLOOR)
     better = ladder[ladder.index(mode) - 1]
     if better != memory.FP16:
-        search = _Search(PROFILE, [a.usable_mib for a in plan.per_gpu], ("tp", "layer"))
+        search = _Search(PROFILE, usable_of(plan), ("tp", "layer"))
         assert not search.fits(PROFILE.quant(plan.quant), better, memory.cache_size_tokens(32_768))
 
 
@@ -122,6 +126,17 @@ def test_auto_cache_goes_below_5_4_only_when_nothing_fits_otherwise() -> None:
     assert CACHE_LADDER.index(mode_of(plan)) > CACHE_LADDER.index(CACHE_FLOOR)
     with pytest.raises(NoFit):
         plan_for("4x27GiB", context_max=True, cache="5,4")
+
+
+def test_below_the_floor_cache_bits_go_before_quant_quality() -> None:
+    # 4 x 24 GiB at 79616 tokens: nothing fits with 5,4; 2bpw_H6 fits with 4,4, the better 2.10bpw-tuned only with 2,2
+    plan = plan_for("4x24GiB", context=79_616)
+    search = _Search(PROFILE, usable_of(plan), ("tp", "layer"))
+    tokens = memory.cache_size_tokens(79_616)
+    below = CACHE_LADDER[CACHE_LADDER.index(CACHE_FLOOR) + 1:]
+    first = next(mode for mode in below if any(search.fits(q, mode, tokens) for q in PROFILE.quants))
+    assert mode_of(plan) == first
+    assert not any(search.fits(q, first, tokens) for q in PROFILE.quants if KL[q.branch] < KL[plan.quant])
 
 
 def test_explicit_cache_mode_is_honoured() -> None:
