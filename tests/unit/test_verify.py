@@ -233,3 +233,26 @@ def test_prompts_limits_the_spot_check(servers, reference_file, key_file, capsys
                            "--reference", str(reference_file), "--max-kl", "1", "--prompts", "5")
     assert code == 0
     assert len({p["prompt"] for p in report["per_position"]}) == 5
+
+
+def test_a_choice_without_logprobs_is_asked_again_alone():
+    """A one-token completion that ended on EOS carries no logprobs: the client retries that prefix by itself."""
+    import httpx
+
+    from toolkit.verify.client import TabbyClient
+
+    calls: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompts = json.loads(request.content)["prompt"]
+        calls.append(prompts)
+        empty = len(calls) == 1
+        choices = [{"index": i, "text": "", "logprobs": None if empty and i == 1 else
+                    {"tokens": ["x"], "token_logprobs": [-0.1], "top_logprobs": [{"x": -0.1, "y": -2.4}],
+                     "text_offset": [0]}} for i in range(len(prompts))]
+        return httpx.Response(200, json={"choices": choices})
+
+    client = TabbyClient("http://server", "k", transport=httpx.MockTransport(handler))
+    result = client.next_token_logprobs(["a", "b", "c"], 2)
+    assert calls == [["a", "b", "c"], ["b"]]
+    assert all(entries == [("x", -0.1), ("y", -2.4)] for entries in result)

@@ -224,12 +224,16 @@ def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float |
 
 
 def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, top_k: int) \
-        -> tuple[list[PositionResult], float]:
-    """Teacher-forced top-K at every reference prefix (one request per prompt) and the per-position KL bound."""
+        -> tuple[list[PositionResult], float, int]:
+    """Teacher-forced top-K at every reference prefix (one request per prompt) and the per-position KL bound.
+
+    A position the server answers without logprobs even on retries is left out and counted.
+    """
     collisions = reference.vocab_collisions or {}
     add_bos = bool(reference.settings.get("add_bos_token", False))
     results: list[PositionResult] = []
     seconds = 0.0
+    missing = 0
     for prompt in reference.prompts[:prompts]:
         if not prompt.positions:
             continue
@@ -237,12 +241,15 @@ def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, t
         served = client.next_token_logprobs([p.prefix for p in prompt.positions], top_k, add_bos)
         seconds += time.monotonic() - started
         for position, entries in zip(prompt.positions, served):
+            if entries is None:
+                missing += 1
+                continue
             ref_side = side_from_entries(position.entries(), collisions)
             served_side = side_from_entries(entries, collisions)
             results.append(PositionResult(prompt=prompt.name, tokens=position.token_count,
                                           kl=position_kl(ref_side, served_side, collisions),
                                           top1_match=ref_side.top1 == served_side.top1))
-    return results, seconds
+    return results, seconds, missing
 
 
 def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None) \
@@ -258,18 +265,20 @@ def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None)
         top_k = int(reference.settings.get("top_k") or top_k)
     started = time.monotonic()
     try:
-        results, seconds = measure_kl(client, reference, request.prompts, top_k)
+        results, seconds, missing = measure_kl(client, reference, request.prompts, top_k)
     except ServerError as error:
         return Check("kl", False, str(error), time.monotonic() - started), None, [], 0.0, threshold, source
     elapsed = time.monotonic() - started
     if not results:
-        return Check("kl", False, "the reference has no positions", elapsed), None, [], seconds, threshold, source
+        problem = "no position returned logprobs (does the server support logprobs?)" if missing \
+            else "the reference has no positions"
+        return Check("kl", False, problem, elapsed), None, [], seconds, threshold, source
     prompt_index = {name: i for i, name in enumerate(dict.fromkeys(r.prompt for r in results))}
     summary = summarize([r.kl for r in results], [prompt_index[r.prompt] for r in results],
                         [r.top1_match for r in results])
     text = (f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
             f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
-            f"{threshold:.4g} ({source})")
+            f"{threshold:.4g} ({source})" + (f"; {missing} positions returned no logprobs" if missing else ""))
     passed = threshold is not None and summary.mean <= threshold
     return Check("kl", passed, text, elapsed), summary, results, seconds, threshold, source
 

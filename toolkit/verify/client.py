@@ -23,6 +23,7 @@ API_KEY_ENV = "DEPLOY_API_KEY"
 # safe_defaults: temperature 0.8, top_p 0.9) only fill fields a request omits (tabbyapi.md). exllamav3 reports
 # softmax of the raw logits anyway; these keep the generated token irrelevant to what is measured.
 NEUTRAL_SAMPLERS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+RETRIES_WITHOUT_LOGPROBS = 3
 
 
 class ServerError(Exception):
@@ -147,12 +148,14 @@ class TabbyClient:
             raise ServerError("/v1/token/encode: no token list in the answer", 200)
         return tokens
 
-    def next_token_logprobs(self, prefixes: list[str], top_k: int,
-                            add_bos_token: bool = False) -> list[list[tuple[str, float]]]:
+    def next_token_logprobs(self, prefixes: list[str], top_k: int, add_bos_token: bool = False,
+                            retries: int = RETRIES_WITHOUT_LOGPROBS) -> list[list[tuple[str, float]] | None]:
         """Top-K (decoded string, logprob) of the token after each prefix: one request, one-token completions.
 
         TabbyAPI accepts a list of prompts and runs them as concurrent jobs (batched by exllamav3), which cuts
         server time; choices come back with their index. Keys are decoded strings (collisions already collapsed).
+        A choice without logprobs (a generation that ended at once, e.g. on a sampled EOS) is asked again alone,
+        up to RETRIES_WITHOUT_LOGPROBS times; None when it still has none.
         """
         body = {"prompt": prefixes, "max_tokens": 1, "logprobs": top_k, "stream": False,
                 "add_bos_token": add_bos_token, **NEUTRAL_SAMPLERS}
@@ -161,14 +164,20 @@ class TabbyClient:
         if not isinstance(choices, list) or len(choices) != len(prefixes):
             raise ServerError(f"/v1/completions: expected {len(prefixes)} choices, got "
                               f"{len(choices) if isinstance(choices, list) else 'none'}", 200)
-        result: list[list[tuple[str, float]]] = [[] for _ in prefixes]
+        result: list[list[tuple[str, float]] | None] = [None] * len(prefixes)
         for position, choice in enumerate(choices):
-            index = choice.get("index", position) if isinstance(choice, dict) else position
-            top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] if isinstance(choice, dict) \
-                else None
-            if not isinstance(top, dict) or not top or not isinstance(index, int) or not 0 <= index < len(prefixes):
-                raise ServerError("/v1/completions: a choice has no top_logprobs (is logprobs supported?)", 200)
-            result[index] = [(str(key), float(value)) for key, value in top.items()]
+            if not isinstance(choice, dict):
+                raise ServerError("/v1/completions: a choice is not an object", 200)
+            index = choice.get("index", position)
+            if not isinstance(index, int) or not 0 <= index < len(prefixes):
+                raise ServerError(f"/v1/completions: choice index {index!r} is out of range", 200)
+            top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
+            if isinstance(top, dict) and top:
+                result[index] = [(str(key), float(value)) for key, value in top.items()]
+        if retries > 0:
+            for index, entries in enumerate(result):
+                if entries is None:
+                    result[index] = self.next_token_logprobs([prefixes[index]], top_k, add_bos_token, retries - 1)[0]
         return result
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def record_reference(client: Any, prompts: Sequence[Prompt], top_k: int = RECORD
         recorded.append(ReferencePrompt(name=prompt.name, text=prompt.text, positions=tuple(
             Position(prefix=prefix, token_count=len(ids), prefix_ids=tuple(ids), top_ids=None,
                      top_tokens=tuple(k for k, _ in top), top_logprobs=tuple(v for _, v in top))
-            for (prefix, ids), top in zip(cuts, tops))))
+            for (prefix, ids), top in zip(cuts, tops) if top is not None)))
     if not recorded:
         raise BadInput("no prompt yielded a usable prefix", "use longer prompts with several words")
     parameters = card.get("parameters") or {}
