@@ -117,6 +117,19 @@ def _build(client, path: Path, tag: str, buildargs: dict[str, str], created: lis
     return ok, "".join(log)
 
 
+def _remove_new_images(client, references: list[str], existing: set[str]) -> None:
+    """Remove the images these references name, children first, except any that existed before the test."""
+    for reference in references:
+        try:
+            image = client.images.get(reference)
+        except docker.errors.ImageNotFound:  # a failed build's tag, or already gone with its tag
+            continue
+        if image.id in existing:
+            continue
+        with contextlib.suppress(docker.errors.APIError):  # still a parent of another of ours: goes later
+            client.images.remove(image.id)
+
+
 @pytest.fixture(scope="module")
 def built(docker_client, test_base_image, tmp_path_factory):
     """A fixture base image holding the local TabbyAPI repositories, and the rendered bundle built on it."""
@@ -132,6 +145,9 @@ def built(docker_client, test_base_image, tmp_path_factory):
         "COPY origin.git /fixtures/tabbyAPI.git\nCOPY broken.git /fixtures/broken.git\n"
     )
     created: list[str] = []
+    # Images that exist now (the shared base image above all) are never removed, though the build log names
+    # them too (FROM and cached steps print their ids).
+    existing = {image.id for image in docker_client.images.list(all=True)}
     tags = [f"{prefix}-base:latest", f"{prefix}-tabby:latest", f"{prefix}-broken:latest"]
     plan = make_plan(2, "tp", "h200")
     bundle = render_bundle(plan, root / "deploy", RenderOptions(serving=SERVING, run_as=(1000, 1000)))
@@ -160,12 +176,7 @@ def built(docker_client, test_base_image, tmp_path_factory):
             "broken_log": broken_log,
         }
     finally:
-        for tag in tags:  # absent when its build failed
-            with contextlib.suppress(docker.errors.APIError):
-                docker_client.images.remove(tag, force=True)
-        for image_id in reversed(created):  # a parent of another of ours, or already gone
-            with contextlib.suppress(docker.errors.APIError):
-                docker_client.images.remove(image_id, force=False)
+        _remove_new_images(docker_client, [*tags, *reversed(created)], existing)
 
 
 def _run(built, command: str, user: str | None = None) -> str:
