@@ -14,9 +14,10 @@ The rules (pure; no NVML, no I/O):
   ("k5v4" / "k6v5"). Then the chosen quant gets the highest mode of the ladder that still fits the required
   context, except that FP16 is taken only when it reaches the model's full context (8-bit K/V is practically
   lossless, so FP16's 2.1x memory buys nothing until memory is no constraint). Only when no quant fits with 5,4 at
-  the required context does it go below the floor, one step at a time (4,4, 4,3, 3,3, 3,2, 2,2): the first mode at
-  which some quant fits, with the best quant at that mode; below the card's floor the cache loses quality fast, so
-  as few cache bits as possible are given up. An explicit mode is honoured exactly.
+  the required context does it go below the floor, and then only with the smallest quant, at the highest of 4,4,
+  4,3, 3,3, 3,2, 2,2 that fits: below the card's floor the cache loses quality fast, so cache bits are never traded
+  for quant bits there (this also keeps the choice monotone: more memory or less context never gives a worse
+  quant). An explicit mode is honoured exactly: the best quant that fits with it.
 - Split `auto`: one GPU is `single`. On several GPUs both tensor parallel (only up to one GPU per KV head) and layer
   split are tried; the better result wins (the lower-KL quant, then the higher-quality cache mode, then the longer
   maximum context) and a tie goes to tensor parallel, where every GPU works on every token. A layer split that
@@ -57,6 +58,7 @@ CACHE_LADDER: tuple[CacheMode, ...] = (FP16,) + tuple(
                                  (4, 4), (4, 3), (3, 3), (3, 2), (2, 2)))
 CACHE_FLOOR = CacheMode(5, 4)
 ABOVE_FLOOR = CACHE_LADDER[:CACHE_LADDER.index(CACHE_FLOOR) + 1]
+BELOW_FLOOR = CACHE_LADDER[len(ABOVE_FLOOR):]
 SPLIT_CHOICES = ("auto", "tp", "layer")
 
 
@@ -210,28 +212,36 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
     by_kl = sorted(profile.quants, key=lambda q: q.kl_ref_quant)
     candidates = [fixed_quant] if fixed_quant else by_kl
 
-    if fixed_mode:
-        tiers: list[tuple[CacheMode, ...]] = [(fixed_mode,)]
-    else:
-        tiers = [ABOVE_FLOOR, *((mode,) for mode in CACHE_LADDER[len(ABOVE_FLOOR):])]
+    tiers = _tiers(profile, candidates, fixed_mode)
+    compare_mode = tiers[0][1][-1]  # quants are compared at the floor (or at the explicit mode)
     winner: Choice | None = None
-    probe_mode = tiers[0][-1]
-    for tier in tiers:
-        probe_mode = tier[-1]  # the cheapest mode of the tier decides which quant fits
-        quant = next((q for q in candidates if search.fits(q, probe_mode, required_tokens)), None)
+    for tier_quants, tier_modes in tiers:
+        cheapest = tier_modes[-1]
+        quant = next((q for q in tier_quants if search.fits(q, cheapest, required_tokens)), None)
         if quant is not None:
-            winner = _choose_mode(search, quant, tier, required_tokens, fp16_needs_full_context=not fixed_mode)
+            winner = _choose_mode(search, quant, tier_modes, required_tokens,
+                                  fp16_needs_full_context=not fixed_mode)
             break
     if winner is None:
-        raise NoFit(*_closest_option(search, profile, candidates, probe_mode, required, fixed_mode, fixed_quant))
+        raise NoFit(*_closest_option(search, profile, candidates, required, fixed_mode, fixed_quant))
 
     context = required if (request.context is not None or request.context_max) else min(
         winner.max_cache_tokens, profile.architecture.max_position_embeddings)
     cache_tokens = cache_size_tokens(context)
     placement = search.place(winner.quant, winner.mode, winner.split, cache_tokens)
-    rejected = _rejections(search, by_kl, winner, probe_mode, required_tokens, fixed_quant)
+    rejected = _rejections(search, by_kl, winner, compare_mode, required_tokens, fixed_quant)
     return _build_plan(profile, inventory, request, winner, placement, context, cache_tokens, headroom, usable,
                        rejected)
+
+
+def _tiers(profile: ModelProfile, candidates: Sequence[Quant],
+           fixed_mode: CacheMode | None) -> list[tuple[Sequence[Quant], tuple[CacheMode, ...]]]:
+    """(quants, cache modes best first) to try in order; the cheapest mode of a tier decides which quant fits."""
+    if fixed_mode:
+        return [(candidates, (fixed_mode,))]
+    # below the floor only the smallest quant: cache bits are given up there, never traded for quant bits
+    smallest = min(candidates, key=lambda q: weights_bytes(profile.architecture, q))
+    return [(candidates, ABOVE_FLOOR), ((smallest,), BELOW_FLOOR)]
 
 
 def _choose_mode(search: _Search, quant: Quant, tier: Sequence[CacheMode], required_tokens: int,
@@ -281,31 +291,32 @@ def _rejections(search: _Search, by_kl: Sequence[Quant], winner: Choice, probe_m
     return tuple(rejected)
 
 
-def _closest_option(search: _Search, profile: ModelProfile, candidates: Sequence[Quant], probe_mode: CacheMode,
-                    required: int, fixed_mode: CacheMode | None, fixed_quant: Quant | None) -> tuple[str, str]:
+def _closest_option(search: _Search, profile: ModelProfile, candidates: Sequence[Quant], required: int,
+                    fixed_mode: CacheMode | None, fixed_quant: Quant | None) -> tuple[str, str]:
     """The NoFit message and hint: the nearest thing that would fit (another cache mode, less context, a quant)."""
     required_tokens = cache_size_tokens(required)
+    tiers = _tiers(profile, candidates, fixed_mode)
+    last_mode = tiers[-1][1][-1]
     what = f"{fixed_quant.branch} does not fit" if fixed_quant else f"no {profile.name} quant fits"
-    even = "with" if fixed_mode else "even with"
-    message = f"{what} at {required} tokens of context {even} cache {probe_mode.label}"
+    message = f"{what} at {required} tokens of context {'with' if fixed_mode else 'even with'} cache {last_mode.label}"
     if fixed_mode is not None:
         for mode in CACHE_LADDER:
             quant = next((q for q in candidates if search.fits(q, mode, required_tokens)), None)
             if quant is not None:
                 return message, f"{quant.branch} fits with --cache {mode.label}"
-    for mode in (fixed_mode,) if fixed_mode else (CACHE_FLOOR, probe_mode):
-        for quant in candidates:
-            tokens = max(search.max_tokens(quant, mode, split) for split in search.splits)
+    for quants, modes in tiers:
+        for quant in quants:
+            tokens = max(search.max_tokens(quant, modes[-1], split) for split in search.splits)
             if tokens:
-                return message, (f"{quant.branch} fits with up to {tokens} tokens at cache {mode.label}: "
+                return message, (f"{quant.branch} fits with up to {tokens} tokens at cache {modes[-1].label}: "
                                  f"try --context {tokens}")
     if fixed_quant is not None:
-        others = sorted(profile.quants, key=lambda q: q.kl_ref_quant)
-        quant = next((q for q in others if search.fits(q, probe_mode, required_tokens)), None)
-        if quant is not None:
-            return message, f"{quant.branch} fits at {required} tokens: try --quant {quant.branch}"
+        for quants, modes in _tiers(profile, sorted(profile.quants, key=lambda q: q.kl_ref_quant), fixed_mode):
+            quant = next((q for q in quants if search.fits(q, modes[-1], required_tokens)), None)
+            if quant is not None:
+                return message, f"{quant.branch} fits at {required} tokens: try --quant {quant.branch}"
     smallest = min(candidates, key=lambda q: weights_bytes(profile.architecture, q))
-    placement = search.best_placement(smallest, probe_mode, 256)
+    placement = search.best_placement(smallest, last_mode, 256)
     return message, (f"even {smallest.branch} with 256 tokens needs {_gib(placement.need_mib)} GiB, has "
                      f"{_gib(placement.has_mib)} GiB: plan for more or larger GPUs")
 

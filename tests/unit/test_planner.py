@@ -128,15 +128,17 @@ def test_auto_cache_goes_below_5_4_only_when_nothing_fits_otherwise() -> None:
         plan_for("4x27GiB", context_max=True, cache="5,4")
 
 
-def test_below_the_floor_cache_bits_go_before_quant_quality() -> None:
-    # 4 x 24 GiB at 79616 tokens: nothing fits with 5,4; 2bpw_H6 fits with 4,4, the better 2.10bpw-tuned only with 2,2
+def test_below_the_floor_only_the_smallest_quant_gives_up_cache_bits() -> None:
+    # 4 x 24 GiB at 79616 tokens: nothing fits with 5,4; 2.10bpw-tuned would fit with 2,2 but is not traded for
     plan = plan_for("4x24GiB", context=79_616)
     search = _Search(PROFILE, usable_of(plan), ("tp", "layer"))
     tokens = memory.cache_size_tokens(79_616)
+    assert not any(search.fits(q, CACHE_FLOOR, tokens) for q in PROFILE.quants)
+    smallest = min(PROFILE.quants, key=lambda q: memory.weights_bytes(PROFILE.architecture, q))
     below = CACHE_LADDER[CACHE_LADDER.index(CACHE_FLOOR) + 1:]
-    first = next(mode for mode in below if any(search.fits(q, mode, tokens) for q in PROFILE.quants))
-    assert mode_of(plan) == first
-    assert not any(search.fits(q, first, tokens) for q in PROFILE.quants if KL[q.branch] < KL[plan.quant])
+    assert plan.quant == smallest.branch
+    assert mode_of(plan) == next(mode for mode in below if search.fits(smallest, mode, tokens))
+    assert search.fits(PROFILE.quant("2.10bpw-tuned"), memory.CacheMode(2, 2), tokens)
 
 
 def test_explicit_cache_mode_is_honoured() -> None:
