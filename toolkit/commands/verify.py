@@ -61,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     api_key = read_api_key(args.api_key_file)
     reference = load_reference(args.reference) if args.reference else None
-    if args.expect_quant:
+    if args.expect_quant or (reference is not None and reference.kind == "full_precision" and args.max_kl is None):
         from ..profiles import load_profile
 
-        load_profile(args.profile).quant(args.expect_quant)  # an unknown branch is bad input, before any request
+        profile = load_profile(args.profile)  # a bad profile or unknown branch is bad input, before any request
+        if args.expect_quant:
+            profile.quant(args.expect_quant)
     if not args.json:
         status_console().print(f"verifying {args.url} ...")
     request = VerifyRequest(

@@ -79,17 +79,25 @@ class PositionResult:
 
 
 @dataclass(frozen=True)
+class KlOutcome:
+    """The KL check with what it measured: summary (None when nothing was measured), positions, threshold."""
+
+    check: Check
+    summary: KlSummary | None
+    per_position: tuple[PositionResult, ...]
+    server_seconds: float
+    threshold: float
+    threshold_source: str
+
+
+@dataclass(frozen=True)
 class VerifyReport:
-    """The outcome of every check, the KL summary and what it cost."""
+    """The outcome of every check, the KL outcome (None without a reference or when not run) and its cost."""
 
     url: str
     checks: tuple[Check, ...]
     model: dict[str, Any] | None
-    kl: KlSummary | None
-    kl_threshold: float | None
-    kl_threshold_source: str
-    per_position: tuple[PositionResult, ...]
-    kl_server_seconds: float
+    kl: KlOutcome | None
     total_seconds: float
 
     @property
@@ -198,7 +206,7 @@ def check_tokenizer(client: TabbyClient, reference: Reference) -> Check:
     return Check("tokenizer", True, f"probe encodes identically ({len(ids)} tokens)", elapsed)
 
 
-def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float | None, str]:
+def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float, str]:
     """The bound the mean KL must stay under, and where it comes from (see the constants above)."""
     if request.max_kl is not None:
         return request.max_kl, "--max-kl"
@@ -252,8 +260,7 @@ def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, t
     return results, seconds, missing
 
 
-def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None) \
-        -> tuple[Check, KlSummary | None, list[PositionResult], float, float | None, str]:
+def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None) -> KlOutcome:
     """KL spot-check against the reference: fail when the mean exceeds the threshold."""
     reference = request.reference
     assert reference is not None
@@ -267,20 +274,21 @@ def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None)
     try:
         results, seconds, missing = measure_kl(client, reference, request.prompts, top_k)
     except ServerError as error:
-        return Check("kl", False, str(error), time.monotonic() - started), None, [], 0.0, threshold, source
+        return KlOutcome(Check("kl", False, str(error), time.monotonic() - started), None, (), 0.0, threshold,
+                         source)
     elapsed = time.monotonic() - started
     if not results:
         problem = "no position returned logprobs (does the server support logprobs?)" if missing \
             else "the reference has no positions"
-        return Check("kl", False, problem, elapsed), None, [], seconds, threshold, source
+        return KlOutcome(Check("kl", False, problem, elapsed), None, (), seconds, threshold, source)
     prompt_index = {name: i for i, name in enumerate(dict.fromkeys(r.prompt for r in results))}
     summary = summarize([r.kl for r in results], [prompt_index[r.prompt] for r in results],
                         [r.top1_match for r in results])
     text = (f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
             f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
             f"{threshold:.4g} ({source})" + (f"; {missing} positions returned no logprobs" if missing else ""))
-    passed = threshold is not None and summary.mean <= threshold
-    return Check("kl", passed, text, elapsed), summary, results, seconds, threshold, source
+    return KlOutcome(Check("kl", summary.mean <= threshold, text, elapsed), summary, tuple(results), seconds,
+                     threshold, source)
 
 
 def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> VerifyReport:
@@ -290,11 +298,7 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
     client = client or TabbyClient(request.url, request.api_key, timeout_s=request.timeout_s)
     checks: list[Check] = []
     served: dict[str, Any] | None = None
-    summary: KlSummary | None = None
-    results: list[PositionResult] = []
-    kl_seconds = 0.0
-    threshold: float | None = None
-    source = ""
+    kl: KlOutcome | None = None
     try:
         if request.wait_s > 0:
             wait_until_ready(client, request.wait_s)
@@ -304,8 +308,7 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
             checks.append(Check("liveness", False, f"unreachable: {error}"))
             for name in ("readiness", "function") + (("tokenizer", "kl") if request.reference else ()):
                 checks.append(_not_run(name, "the server is unreachable"))
-            return VerifyReport(request.url, tuple(checks), None, None, None, "", (), 0.0,
-                                time.monotonic() - started)
+            return VerifyReport(request.url, tuple(checks), None, None, time.monotonic() - started)
         readiness, served = check_readiness(client, request.expect)
         checks.append(readiness)
         checks.append(check_function(client, request.expect))
@@ -313,13 +316,11 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
             tokenizer = check_tokenizer(client, request.reference)
             checks.append(tokenizer)
             if tokenizer.passed:
-                kl_check, summary, results, kl_seconds, threshold, source = check_kl(
-                    client, request, served["id"] if served else None)
-                checks.append(kl_check)
+                kl = check_kl(client, request, served["id"] if served else None)
+                checks.append(kl.check)
             else:
                 checks.append(_not_run("kl", "the tokenizer check failed"))
     finally:
         if own:
             client.close()
-    return VerifyReport(request.url, tuple(checks), served, summary, threshold, source, tuple(results),
-                        kl_seconds, time.monotonic() - started)
+    return VerifyReport(request.url, tuple(checks), served, kl, time.monotonic() - started)

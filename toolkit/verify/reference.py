@@ -21,12 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
 from ..atomic import write_text
 from ..errors import BadInput
+
+if TYPE_CHECKING:
+    from .client import TabbyClient
 
 FORMAT = "glm-deploy-reference"
 VERSION = 1
@@ -243,10 +246,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
-def record_reference(client: Any, prompts: Sequence[Prompt], top_k: int = RECORD_TOP_K,
+def record_reference(client: TabbyClient, prompts: Sequence[Prompt], top_k: int = RECORD_TOP_K,
                      positions_per_prompt: int = POSITIONS_PER_PROMPT) -> Reference:
-    """Record a reference from a live deployment (a TabbyClient): prefixes via /v1/token/encode, top-K via
-    one-token completions. Collisions are already collapsed by the server, so vocab_collisions is unknown."""
+    """Record a reference from a live deployment: prefixes via /v1/token/encode, top-K via one-token completions.
+
+    Collisions are already collapsed by the server, so vocab_collisions stays unknown (None).
+    """
     card = client.model()
     probe_ids = client.encode(TOKENIZER_PROBE)
     recorded = []

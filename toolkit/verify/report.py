@@ -12,11 +12,12 @@ from .checks import VerifyReport
 
 def report_dict(report: VerifyReport) -> dict[str, Any]:
     """The --json object: passed, checks [{name, passed, detail}], kl {...} or null, top1_agreement."""
-    kl = report.kl.as_dict() if report.kl else None
-    if kl is not None:
-        kl["threshold"] = report.kl_threshold
-        kl["threshold_source"] = report.kl_threshold_source
-        kl["estimator"] = "lower bound: top-K coarse-grained KL(reference || served), see toolkit/verify/kl.py"
+    outcome = report.kl
+    summary = outcome.summary if outcome else None
+    kl = None
+    if outcome is not None and summary is not None:
+        kl = {**summary.as_dict(), "threshold": outcome.threshold, "threshold_source": outcome.threshold_source,
+              "estimator": "lower bound: top-K coarse-grained KL(reference || served), see docs/verify.md"}
     return {
         "passed": report.passed,
         "url": report.url,
@@ -24,10 +25,11 @@ def report_dict(report: VerifyReport) -> dict[str, Any]:
                     "seconds": round(c.seconds, 3)} for c in report.checks],
         "model": report.model,
         "kl": kl,
-        "top1_agreement": report.kl.top1_agreement if report.kl else None,
+        "top1_agreement": summary.top1_agreement if summary else None,
         "per_position": [{"prompt": r.prompt, "tokens": r.tokens, "kl": r.kl, "top1_match": r.top1_match}
-                         for r in report.per_position],
-        "timing": {"kl_requests_s": round(report.kl_server_seconds, 3), "total_s": round(report.total_seconds, 3)},
+                         for r in (outcome.per_position if outcome else ())],
+        "timing": {"kl_requests_s": round(outcome.server_seconds, 3) if outcome else 0.0,
+                   "total_s": round(report.total_seconds, 3)},
     }
 
 
