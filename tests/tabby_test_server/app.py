@@ -28,9 +28,11 @@ from typing import Any
 import yaml
 
 from .model import TinyModel
-from .server import CACHE_MODE, OOM_MESSAGE, ModelSettings, ServerState, make_http_server
+from .server import OOM_MESSAGE, ModelSettings, ServerState, make_http_server
 
 DEFAULT_MAX_SEQ_LEN = 8192
+# TabbyAPI accepts FP16, Q4/Q6/Q8 and "K,V" with 2-8 bits each (tabbyapi.md); "k5v4" is rejected.
+CACHE_MODE = re.compile(r"^(FP16|Q4|Q6|Q8|[2-8],[2-8])$")
 
 
 class ConfigError(Exception):

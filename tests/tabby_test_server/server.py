@@ -12,7 +12,6 @@ Test hooks (documented in README.md): a prompt or message containing ERROR_TRIGG
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
@@ -375,6 +374,3 @@ def make_http_server(state: ServerState, host: str, port: int) -> ThreadingHTTPS
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-
-CACHE_MODE = re.compile(r"^(FP16|Q4|Q6|Q8|[2-8],[2-8])$")
