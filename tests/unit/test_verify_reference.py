@@ -145,3 +145,22 @@ def test_reference_bad_input_exits_2(args, capsys):
     assert main(["reference", *args]) == 2
     assert capsys.readouterr().err.startswith("deploy reference:")
 
+
+
+def test_compute_without_torch_or_gpu_is_environment_missing(tmp_path, capsys):
+    """Extra `gpu` absent (or no CUDA device): exit 4 with the install hint, no traceback, no file written."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is present: compute would really run")
+    except ImportError:
+        pass
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["Glm4MoeForCausalLM"]}))
+    out = tmp_path / "ref.json.gz"
+    assert main(["reference", "compute", "--model-dir", str(model), "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("gpu" in err or "CUDA" in err)
+    assert not out.exists()
