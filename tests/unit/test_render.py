@@ -183,8 +183,8 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     assert "*\n!Dockerfile\n!ensure-pr295.sh\n" == (bundle.out_dir / ".dockerignore").read_text()
 
 
-# DL3008 (pin apt package versions) is ignored on purpose: Ubuntu rotates point versions out of its archive, so
-# pinned versions break builds within weeks; upstream TabbyAPI does not pin them either.
+# DL3008 (pin apt package versions) is ignored on purpose: Ubuntu rotates point versions out of its archive,
+# so pinned versions break builds within weeks; upstream TabbyAPI does not pin them either.
 HADOLINT_IGNORED = ("DL3008",)
 
 
