@@ -166,8 +166,8 @@ def build_image(client: Any, context_dir: Path, tag: str, *, dockerfile: str = "
     digest = content_sha256 or context_sha256(context_dir, dockerfile, buildargs)
     if not force:
         found = client.images.list(filters={"label": f"{LABEL_DOCKERFILE}={digest}"})
-        if found:
-            image = found[0]
+        if found:  # the one already carrying the tag, else the newest
+            image = max(found, key=lambda i: (tag in i.tags, i.attrs.get("Created", "")))
             if tag not in image.tags:
                 repository, _, version = tag.rpartition(":")
                 image.tag(repository or tag, version or "latest")

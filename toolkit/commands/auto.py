@@ -20,6 +20,7 @@ from .lifecycle import (
     fetch_step,
     load_deployment,
     no_gpu,
+    publishes,
     up_step,
 )
 
@@ -115,8 +116,8 @@ def _pipeline(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
 
     if not cpu_only:
         check_gpu_runtime(client)
-    running = engine.find_container(client, state.default_container_name(dep.out_dir))
-    if running is None or running.status != "running":
+    ours = engine.find_container(client, state.default_container_name(dep.out_dir))
+    if not publishes(ours, int(dep.manifest["port"])):
         check_port(str(dep.manifest["bind"]), int(dep.manifest["port"]))
 
     outcome["stage"] = "fetch-model"

@@ -240,7 +240,7 @@ def _up_once(dep: Deployment, client: Any, progress: Progress, *, gpu: bool,
     notes = run_preflight(client, PreflightRequest(
         gpu=gpu, bind=published[0], port=published[1], models_dir=dep.models_dir, model_dir_name=dep.model_folder,
         model_bytes=model_bytes, image_cuda=_image_cuda(dep), driver_cuda=dep.plan.inventory.cuda_driver_version,
-        port_held_by_us=existing is not None and existing.status == "running"))
+        port_held_by_us=publishes(existing, published[1])))
     for note in notes:
         progress.note(note)
     api_key = read_api_key(str(dep.api_tokens))
@@ -263,6 +263,14 @@ def _up_once(dep: Deployment, client: Any, progress: Progress, *, gpu: bool,
             raise
     progress.note(f"ready after {ready.seconds:.1f} s: {dep.url} serves {dep.model_folder}")
     return UpResult(record, action, ready.seconds, ready.model)
+
+
+def publishes(container: Any, port: int) -> bool:
+    """Whether our running container already holds that host port (then the port check must not count it)."""
+    if container is None or container.status != "running":
+        return False
+    bindings = (container.attrs.get("HostConfig") or {}).get("PortBindings") or {}
+    return any(str(port) == b.get("HostPort") for values in bindings.values() for b in values or ())
 
 
 def _model_bytes(dep: Deployment) -> int:
