@@ -3,6 +3,7 @@
     name: glm                      # stack name (docker stack deploy ... NAME), default glm
     profile: glm-4.7               # model profile, default glm-4.7
     image: registry:5000/glm-deploy/tabbyapi:v1   # optional: one image for every node (default: built per class)
+    gateway_image: haproxy:2.8     # the endpoint's load balancer image (default haproxy:2.8)
     models_dir: /srv/glm-deploy/models            # the same absolute path on every node
     nodes:
       - name: gpu-a                # the Swarm node's hostname
@@ -12,7 +13,11 @@
         url: http://10.0.0.5:5000  # optional: this node's replica, for `cluster verify` without engine access
     requirements: {context: 65536, cache: auto, quant: null}
     replicas: 1                    # replicas per node
-    endpoint: {port: 5000, bind: 127.0.0.1}
+    endpoint: {port: 5000, bind: 127.0.0.1, mode: host}
+
+endpoint.mode: `host` publishes the endpoint on every manager (no IPVS needed), `ingress` on every node through the
+routing mesh (needs IPVS). endpoint.bind applies to the per-host compose files (Swarm cannot bind an address).
+A node's gpus are what ONE replica gets; with replicas: N the node advertises N times as many (node-config).
 
 Every value is validated here; an error names the file, line and field (exit 2).
 """
@@ -43,10 +48,12 @@ URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]{1,255}(?::[0-9]{1,5})?/?$")
 RESERVED_LABEL_PREFIX = "glm-deploy."
 MAX_NODES = 256
 MAX_REPLICAS_PER_NODE = 16
-TOP_KEYS = {"name", "profile", "image", "models_dir", "nodes", "requirements", "replicas", "endpoint"}
+TOP_KEYS = {"name", "profile", "image", "gateway_image", "models_dir", "nodes", "requirements", "replicas", "endpoint"}
 NODE_KEYS = {"name", "gpus", "labels", "replicas", "url"}
 REQUIREMENT_KEYS = {"context", "cache", "quant"}
-ENDPOINT_KEYS = {"port", "bind"}
+ENDPOINT_KEYS = {"port", "bind", "mode"}
+ENDPOINT_MODES = ("host", "ingress")
+DEFAULT_GATEWAY_IMAGE = "haproxy:2.8"
 DEFAULT_MODELS_DIR = "/srv/glm-deploy/models"
 
 
@@ -68,11 +75,13 @@ class Fleet:
     name: str
     profile: str
     image: str | None
+    gateway_image: str
     models_dir: str
     nodes: tuple[FleetNode, ...]
     request: PlanRequest
     port: int
     bind: str
+    endpoint_mode: str
     source: str
 
 
@@ -128,6 +137,8 @@ def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
     image = top.get("image")
     if image is not None:
         image = _checked(doc, ("image",), safety.image_ref, image, "image")
+    gateway_image = _checked(doc, ("gateway_image",), safety.image_ref,
+                             top.get("gateway_image", DEFAULT_GATEWAY_IMAGE), "gateway_image")
     models_dir = _checked(doc, ("models_dir",), safety.host_path, top.get("models_dir", DEFAULT_MODELS_DIR),
                           "models_dir")
     default_replicas = _int(doc, ("replicas",), top.get("replicas", 1), 1, MAX_REPLICAS_PER_NODE)
@@ -135,6 +146,10 @@ def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
     endpoint = _mapping(doc, ("endpoint",), top.get("endpoint", {}), ENDPOINT_KEYS)
     port = _checked(doc, ("endpoint", "port"), safety.port, endpoint.get("port", 5000), "endpoint.port")
     bind = _checked(doc, ("endpoint", "bind"), safety.bind_address, endpoint.get("bind", "127.0.0.1"))
+    endpoint_mode = endpoint.get("mode", "host")
+    if endpoint_mode not in ENDPOINT_MODES:
+        raise doc.error(("endpoint", "mode"), f"{endpoint_mode!r} is not host or ingress",
+                        "host: on every manager (no IPVS needed); ingress: Swarm's routing mesh")
     raw_nodes = top.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise doc.error(("nodes",), "must be a non-empty list of nodes", "e.g. nodes: [{name: gpu-a, gpus: 8x24GiB}]")
@@ -148,8 +163,9 @@ def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
             raise doc.error(("nodes", index, "name"), f"node {node.name!r} is listed twice")
         seen.add(node.name.lower())
         nodes.append(node)
-    return Fleet(name=name, profile=profile, image=image, models_dir=models_dir, nodes=tuple(nodes),
-                 request=request, port=port, bind=bind, source=doc.source)
+    return Fleet(name=name, profile=profile, image=image, gateway_image=gateway_image, models_dir=models_dir,
+                 nodes=tuple(nodes), request=request, port=port, bind=bind, endpoint_mode=endpoint_mode,
+                 source=doc.source)
 
 
 def _requirements(doc: Located, raw: Any) -> PlanRequest:
@@ -196,6 +212,9 @@ def _node(doc: Located, path: Path_, raw: Any, default_replicas: int, base_dir: 
     url = values.get("url")
     if url is not None:
         url = _text(doc, path + ("url",), url, URL, "an http(s)://host:port URL").rstrip("/")
+        if replicas != 1:
+            raise doc.error(path + ("url",), f"names one replica, but the node runs {replicas}",
+                            "drop url (cluster verify finds replicas through the Swarm manager)")
     inventory = _gpus(doc, path + ("gpus",), values["gpus"], base_dir)
     return FleetNode(name=name, inventory=inventory, labels=tuple(sorted(labels)), replicas=replicas, url=url)
 

@@ -39,7 +39,6 @@ from .fleet_plan import CLASS_LABEL, FleetPlan, NodeClass
 CONTAINER_PORT = 5000
 GPU_KIND = "NVIDIA-GPU"
 GATEWAY_SERVICE = "gateway"
-GATEWAY_IMAGE = "haproxy:2.8"
 GATEWAY_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
 MANIFEST = "cluster.json"
 API_TOKENS = "api_tokens.yml"
@@ -56,11 +55,11 @@ class StackOptions:
     """Choices besides the fleet: images, health-check cadence, update monitoring, endpoint publish mode."""
 
     image: str | None = None          # one image for every class (default: fleet.yaml image, else per class)
-    gateway_image: str = GATEWAY_IMAGE
+    gateway_image: str | None = None  # default: fleet.yaml gateway_image
     health_interval_s: int = 15
     health_retries: int = 3
     monitor_s: int = 60               # Swarm watches each updated task this long before the update succeeds
-    endpoint_mode: str = "host"       # host (every manager, no IPVS needed) | ingress (routing mesh)
+    endpoint_mode: str | None = None  # default: fleet.yaml endpoint.mode (host | ingress)
     ulimits: bool = True              # False only where the engine may not raise limits (no CAP_SYS_RESOURCE)
     force: bool = False
 
@@ -167,7 +166,8 @@ def _tabby_service(node_class: NodeClass, image: str, config_key: str, start_per
 
 def _gateway_service(fleet_plan: FleetPlan, options: StackOptions, config_key: str) -> dict[str, Any]:
     """The endpoint: HAProxy on every manager (host mode) or behind the routing mesh (ingress mode)."""
-    ingress = options.endpoint_mode == "ingress"
+    ingress = (options.endpoint_mode or fleet_plan.fleet.endpoint_mode) == "ingress"
+    image = options.gateway_image or fleet_plan.fleet.gateway_image
     deploy: dict[str, Any] = {
         "update_config": {"parallelism": 1, "delay": "5s", "order": "start-first" if ingress else "stop-first",
                           "failure_action": "rollback"},
@@ -178,7 +178,7 @@ def _gateway_service(fleet_plan: FleetPlan, options: StackOptions, config_key: s
     else:
         deploy.update({"mode": "global", "placement": {"constraints": ["node.role == manager"]}})
     return {
-        "image": safety.image_ref(options.gateway_image, "gateway image"),
+        "image": safety.image_ref(image, "gateway image"),
         "command": ["haproxy", "-W", "-db", "-f", GATEWAY_CONFIG_PATH],
         "configs": [{"source": config_key, "target": GATEWAY_CONFIG_PATH, "mode": 0o444}],
         "ports": [{"target": CONTAINER_PORT, "published": fleet_plan.fleet.port, "protocol": "tcp",
@@ -201,7 +201,7 @@ def label_commands(fleet_plan: FleetPlan) -> list[str]:
 def stack_files(fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api_tokens: str) \
         -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
     """Every file of the cluster bundle as {relative path: (text, mode)}, and the manifest (pure)."""
-    if options.endpoint_mode not in ("host", "ingress"):
+    if options.endpoint_mode not in (None, "host", "ingress"):
         raise BadInput(f"endpoint mode {options.endpoint_mode!r} is not host or ingress", "use host or ingress")
     for value, what in ((options.health_interval_s, "health interval"), (options.monitor_s, "update monitor"),
                         (options.health_retries, "health retries")):
@@ -261,7 +261,7 @@ def stack_files(fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api
         "schema": 1,
         "glm_deploy_version": __version__,
         "stack": stack,
-        "endpoint": {"port": fleet.port, "mode": options.endpoint_mode},
+        "endpoint": {"port": fleet.port, "mode": options.endpoint_mode or fleet.endpoint_mode},
         "gateway_service": f"{stack}_{GATEWAY_SERVICE}",
         "classes": classes_manifest,
         "mixed": fleet_plan.mixed,

@@ -72,6 +72,9 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, located: Loc
         raise located.error(path, "YAML aliases (*name) are not supported", "write the value out")
     seen.add(id(node))
     located.lines[path] = node.start_mark.line + 1
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (
+            "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
+        raise located.error(path, f"unsupported YAML type {node.tag!r}", "remove the tag")
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
