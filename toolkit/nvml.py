@@ -115,8 +115,9 @@ def _peers(nvml: Any, handles: list[Any], optional: Callable[[Callable[[], Any]]
             level = optional(lambda x=first, y=second: nvml.nvmlDeviceGetTopologyCommonAncestor(x, y))
             if level is not None:
                 pair["topology"] = TOPOLOGY_LEVELS.get(int(level), str(level))
-            for key, index in (("p2p_read", nvml.NVML_P2P_CAPS_INDEX_READ),
-                               ("p2p_nvlink", nvml.NVML_P2P_CAPS_INDEX_NVLINK)):
+            # nvml.h's NVML_P2P_CAPS_INDEX_READ / _NVLINK; not pynvml's constants: nvidia-ml-py 13.x defines
+            # READ as the tuple (0,), which ctypes refuses (seen on the H200 host, benchmarks/memory_calibration)
+            for key, index in (("p2p_read", 0), ("p2p_nvlink", 2)):
                 status = optional(lambda x=first, y=second, i=index: nvml.nvmlDeviceGetP2PStatus(x, y, i))
                 if status is not None:
                     pair[key] = status == nvml.NVML_P2P_STATUS_OK
