@@ -56,7 +56,10 @@ RULES: tuple[tuple[str, re.Pattern[str], str, str, int], ...] = (
      "the container got no GPU",
      "install nvidia-container-toolkit, run `nvidia-ctk runtime configure --runtime=docker`, restart docker",
      EXIT_ENVIRONMENT),
-    ("missing-model", re.compile(r"No such file or directory: '?/app/models|model_path does not exist|"
+    # TabbyAPI e632af4 on a missing folder (seen on the GPU machine): "ValueError: Failed to load config.json from
+    # /app/models/<folder>"; older releases: "model_path does not exist".
+    ("missing-model", re.compile(r"Failed to load config\.json from|No such file or directory: '?/app/models|"
+                                 r"model_path does not exist|"
                                  r"(?:config\.json|safetensors).*(?:not found|No such file)|"
                                  r"Model (?:directory|path).*(?:does not exist|not found)", re.IGNORECASE),
      "the model files are missing inside the container",

@@ -19,6 +19,12 @@ LOADING = "\x1b[36mINFO\x1b[0m:     Loading model modules \r Loading model modul
     ('could not select device driver "nvidia" with capabilities: [[gpu]]', "no-gpu-runtime", 4),
     ("FileNotFoundError: [Errno 2] No such file or directory: '/app/models/3.84bpw-tuned/config.json'\n",
      "missing-model", 4),
+    # the lines below were printed by real TabbyAPI e632af4 + exllamav3 1.6.5 on an H200 (see the report)
+    (('  File "/tmp/site/exllamav3/model/model_ls.py", line 311, in _load_autosplit\n'
+     '    raise RuntimeError("Insufficient VRAM in split for model and cache")\n'
+     "RuntimeError: Insufficient VRAM in split for model and cache\n"), "oom", 3),
+    (('    raise ValueError(f"Failed to load config.json from {model_directory}") from exc\n'
+     "ValueError: Failed to load config.json from /app/models/3bpw_H6\n"), "missing-model", 4),
     ("ERROR:    [Errno 98] error while attempting to bind on address ('0.0.0.0', 5000): address already in use\n",
      "port-conflict", 4),
     ("driver failed programming external connectivity: Bind for 127.0.0.1:5000 failed: port is already allocated",
