@@ -144,13 +144,25 @@ def head_bytes(arch: Architecture, quant: Quant) -> int:
     return round(quant.head_bits * arch.head_params / 8)
 
 
-def overhead_mib(profile: ModelProfile, cache_mode: CacheMode, chunk_size: int, holds_output: bool) -> int:
-    """Per-GPU VRAM beyond weights and cache: the one place the calibrated overhead terms are applied."""
+def overhead_mib(profile: ModelProfile, cache_mode: CacheMode, chunk_size: int, holds_output: bool,
+                 split: str = "single") -> int:
+    """Per-GPU VRAM beyond weights and cache: the one place the calibrated overhead terms are applied.
+
+    Fitted on real loads (benchmarks/memory_calibration/RESULTS.md): base (outside torch) + resident + chunk
+    transient is what every GPU needs; exllamav3's autosplit loader keeps a further 256 MiB free on the GPU it
+    finishes on (output_gpu_mib, single GPU); tensor parallel costs tensor_parallel_mib more on every GPU; a layer
+    split across GPUs leaves the module that did not fit allocated on each GPU it moved past, and runs its
+    transient above the gpu_split cap (layer_spill_mib, on every GPU, which also covers the output margin).
+    """
     terms = profile.memory_overhead
-    mib = terms.base_mib + terms.chunk_mib_per_token * chunk_size
+    mib = terms.base_mib + terms.resident_mib + terms.chunk_mib_per_token * chunk_size
     if cache_mode.quantized:
         mib += terms.quant_cache_staging_mib
-    if holds_output:
+    if split == "tp":
+        mib += terms.tensor_parallel_mib
+    elif split == "layer":
+        mib += terms.layer_spill_mib
+    elif holds_output:
         mib += terms.output_gpu_mib
     return math.ceil(mib)
 
@@ -164,16 +176,23 @@ def layer_split_gib(usable_mib: int, profile: ModelProfile) -> float:
     """TabbyAPI gpu_split entry for a GPU: its torch budget in GiB, floored to 0.01.
 
     TabbyAPI passes gpu_split to exllamav3 as use_per_device, which multiplies by 1024**3 and caps torch's
-    allocator there (weights, cache, transients); the CUDA context and runtime (base_mib) sit outside that cap.
+    allocator there (weights, cache, transients); the CUDA context and runtime (base_mib) sit outside that cap, and
+    so does the layer spill (layer_spill_mib: what the GPU holds above the cap after exllamav3's failed attempt to
+    place the next module there, plus its runtime transient; benchmarks/memory_calibration/RESULTS.md).
     """
-    hundredths = (usable_mib - math.ceil(profile.memory_overhead.base_mib)) * 100 // 1024
+    hundredths = (usable_mib - _outside_gpu_split_mib(profile)) * 100 // 1024
     return max(0, hundredths) / 100
 
 
 def layer_split_usable_mib(usable_mib: int, profile: ModelProfile) -> int:
     """The usable memory that the rounded gpu_split entry really grants (so the plan matches the loader)."""
-    granted = math.ceil(profile.memory_overhead.base_mib) + round(layer_split_gib(usable_mib, profile) * 100) * 1024 // 100
+    granted = _outside_gpu_split_mib(profile) + round(layer_split_gib(usable_mib, profile) * 100) * 1024 // 100
     return min(usable_mib, granted)
+
+
+def _outside_gpu_split_mib(profile: ModelProfile) -> int:
+    """Per-GPU memory a layer split keeps out of gpu_split: the CUDA context and the spill above the cap."""
+    return math.ceil(profile.memory_overhead.base_mib + profile.memory_overhead.layer_spill_mib)
 
 
 @dataclass(frozen=True)
@@ -230,7 +249,7 @@ def place_tensor_parallel(profile: ModelProfile, quant: Quant, mode: CacheMode, 
     """Emulate exllamav3's TP split (GPU 0 is the output device) and check each GPU against its usable memory."""
     arch = profile.architecture
     count = len(usable_mib)
-    overheads = [overhead_mib(profile, mode, chunk_size, holds_output=i == 0) for i in range(count)]
+    overheads = [overhead_mib(profile, mode, chunk_size, holds_output=i == 0, split="tp") for i in range(count)]
     budgets = [(u - o) * MIB for u, o in zip(usable_mib, overheads)]
     weights = [0] * count
     cache = [0] * count
@@ -270,8 +289,9 @@ def place_layers(profile: ModelProfile, quant: Quant, mode: CacheMode, cache_tok
     """Emulate exllamav3's autosplit: blocks in order, each GPU filled up to its usable memory, lm_head last."""
     arch = profile.architecture
     layer_cache = cache_bytes(arch, mode, cache_tokens, layers=1)
-    plain = overhead_mib(profile, mode, chunk_size, holds_output=False)
-    output_extra = (overhead_mib(profile, mode, chunk_size, holds_output=True) - plain) * MIB
+    split = "layer" if len(usable_mib) > 1 else "single"
+    plain = overhead_mib(profile, mode, chunk_size, holds_output=False, split=split)
+    output_extra = (overhead_mib(profile, mode, chunk_size, holds_output=True, split=split) - plain) * MIB
     modules = [(b.attention_bytes + b.mlp_bytes + b.shared_bytes, layer_cache) for b in layer_weights(arch, quant)]
     modules.append((head_bytes(arch, quant) + output_extra, 0))
     loads: list[GpuLoad] = []

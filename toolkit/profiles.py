@@ -75,10 +75,13 @@ class Serving:
 class MemoryOverhead:
     """Per-GPU VRAM beyond weights and cache, in MiB; fitted on real exllamav3 loads (benchmarks/memory_calibration)."""
 
-    base_mib: float                  # CUDA context + torch/exllamav3 runtime on every used GPU
+    base_mib: float                  # CUDA context, cuBLAS, kernels: outside torch's allocator (and gpu_split)
+    resident_mib: float              # exllamav3 static buffers + the chunk-independent part of the transient
     chunk_mib_per_token: float       # transient of the chunk_size dummy forward, per token of chunk_size
     quant_cache_staging_mib: float   # quantized-cache staging scratch (only with a quantized cache)
-    output_gpu_mib: float            # extra on the GPU that holds the lm_head output
+    output_gpu_mib: float            # extra on the GPU that holds the lm_head output (single GPU)
+    tensor_parallel_mib: float       # extra on every GPU under tensor parallel (its worker processes)
+    layer_spill_mib: float           # extra on every GPU of a layer split across GPUs (module that did not fit)
     calibrated: bool                 # False while the numbers are placeholders
 
 

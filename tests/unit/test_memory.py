@@ -88,13 +88,18 @@ def test_bad_cache_modes_are_bad_input(text: str) -> None:
 
 
 def test_overhead_terms_each_apply_where_they_belong() -> None:
-    terms = dataclasses.replace(PROFILE.memory_overhead, base_mib=500, chunk_mib_per_token=0.25,
-                                quant_cache_staging_mib=100, output_gpu_mib=40)
+    terms = dataclasses.replace(PROFILE.memory_overhead, base_mib=500, resident_mib=30, chunk_mib_per_token=0.25,
+                                quant_cache_staging_mib=100, output_gpu_mib=40, tensor_parallel_mib=7,
+                                layer_spill_mib=900)
     profile = dataclasses.replace(PROFILE, memory_overhead=terms)
-    assert memory.overhead_mib(profile, FP16, 2048, holds_output=False) == 500 + 512
-    assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=False) == 500 + 512 + 100
-    assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=True) == 500 + 512 + 100 + 40
-    assert memory.overhead_mib(profile, FP16, 1024, holds_output=True) == 500 + 256 + 40
+    assert memory.overhead_mib(profile, FP16, 2048, holds_output=False) == 530 + 512
+    assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=False) == 530 + 512 + 100
+    assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=True) == 530 + 512 + 100 + 40
+    assert memory.overhead_mib(profile, FP16, 1024, holds_output=True) == 530 + 256 + 40
+    # tensor parallel: its own term on every GPU; layer split across GPUs: the spill on every GPU, no output term
+    for holds_output in (False, True):
+        assert memory.overhead_mib(profile, FP16, 2048, holds_output, split="tp") == 530 + 512 + 7
+        assert memory.overhead_mib(profile, FP16, 2048, holds_output, split="layer") == 530 + 512 + 900
 
 
 @pytest.mark.parametrize(("total", "headroom"), [(24_576, 256), (32_607, 327), (143_771, 1438), (8_000, 256)])
@@ -103,7 +108,7 @@ def test_default_headroom_is_256_mib_or_one_percent(total: int, headroom: int) -
 
 
 def test_gpu_split_entry_is_the_torch_budget_in_gib_floored() -> None:
-    base = PROFILE.memory_overhead.base_mib
+    base = PROFILE.memory_overhead.base_mib + PROFILE.memory_overhead.layer_spill_mib  # both outside the cap
     usable = 24_320
     entry = memory.layer_split_gib(usable, PROFILE)
     assert entry == int((usable - base) * 100 / 1024) / 100
@@ -169,7 +174,8 @@ def test_layer_split_fills_gpus_in_order_and_puts_the_head_last() -> None:
                  + memory.cache_bytes(ARCH, mode, 65_536, layers=1)) / MIB
     for load in placement.loads[:-1]:
         assert load.free_after_mib < block_mib  # a GPU is only left when the next block does not fit
-    head_extra = memory.overhead_mib(PROFILE, mode, CHUNK, True) - memory.overhead_mib(PROFILE, mode, CHUNK, False)
+    head_extra = (memory.overhead_mib(PROFILE, mode, CHUNK, True, split="layer")
+                  - memory.overhead_mib(PROFILE, mode, CHUNK, False, split="layer"))
     assert placement.loads[-1].overhead_mib == placement.loads[0].overhead_mib + head_extra
 
 

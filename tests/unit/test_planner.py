@@ -129,10 +129,10 @@ def test_auto_cache_goes_below_5_4_only_when_nothing_fits_otherwise() -> None:
 
 
 def test_below_the_floor_only_the_smallest_quant_gives_up_cache_bits() -> None:
-    # 4 x 24 GiB at 79616 tokens: nothing fits with 5,4; 2.10bpw-tuned would fit with 2,2 but is not traded for
-    plan = plan_for("4x24GiB", context=79_616)
+    # 4 x 26 GiB at 112640 tokens: nothing fits with 5,4; 2.10bpw-tuned would fit with 2,2 but is not traded for
+    plan = plan_for("4x26GiB", context=112_640)
     search = _Search(PROFILE, usable_of(plan), ("tp", "layer"))
-    tokens = memory.cache_size_tokens(79_616)
+    tokens = memory.cache_size_tokens(112_640)
     assert not any(search.fits(q, CACHE_FLOOR, tokens) for q in PROFILE.quants)
     smallest = min(PROFILE.quants, key=lambda q: memory.weights_bytes(PROFILE.architecture, q))
     below = CACHE_LADDER[CACHE_LADDER.index(CACHE_FLOOR) + 1:]
@@ -195,9 +195,10 @@ def test_default_headroom_is_taken_off_free_memory() -> None:
 
 
 def test_headroom_override_applies_to_every_gpu() -> None:
-    plan = plan_for("8x24GiB", headroom_mib=1024)
+    default = plan_for("8x24GiB")
+    plan = plan_for("8x24GiB", headroom_mib=1024, quant=default.quant)
     assert plan.headroom_mib == 1024 and all(a.usable_mib == 24_576 - 1024 for a in plan.per_gpu)
-    assert plan.max_context < plan_for("8x24GiB").max_context
+    assert plan.max_context < default.max_context
 
 
 def test_detected_gpus_are_planned_on_free_memory() -> None:
