@@ -15,8 +15,10 @@ Facts and formulas: ../shared/facts/glm-4.7.md and exllamav3.md.
   memory still free on each GPU. So a GPU that got 3 of 8 heads gets fewer experts in the same layer, and uneven
   head counts (3, 5, 6, 7 GPUs) even out over the layers instead of the heaviest GPU deciding.
 - Layer split follows exllamav3's autosplit loader (model/model_ls.py): blocks in order (each block's cache goes
-  with it), GPU by GPU, a GPU taking blocks until the next one would exceed its budget; the lm_head is the last
-  module, so it lands on the last GPU used, which also carries the output overhead.
+  with it), GPU by GPU, a GPU taking blocks until the next one would exceed its gpu_split budget; the lm_head is the
+  last module, so it lands on the last GPU used. A GPU the loader moved past keeps the failed attempt allocated
+  (layer_spill_mib); the last GPU has no failed attempt and carries the output overhead instead, so a GPU that can
+  take every remaining module with that smaller overhead is the last one.
 """
 
 from __future__ import annotations
@@ -150,9 +152,9 @@ def overhead_mib(profile: ModelProfile, cache_mode: CacheMode, chunk_size: int, 
 
     Fitted on real loads (benchmarks/memory_calibration/RESULTS.md): base (outside torch) + resident + chunk
     transient is what every GPU needs; exllamav3's autosplit loader keeps a further 256 MiB free on the GPU it
-    finishes on (output_gpu_mib, single GPU); tensor parallel costs tensor_parallel_mib more on every GPU; a layer
-    split across GPUs leaves the module that did not fit allocated on each GPU it moved past, and runs its
-    transient above the gpu_split cap (layer_spill_mib, on every GPU, which also covers the output margin).
+    finishes on (output_gpu_mib: a single GPU, or the last GPU of a layer split, holds_output); tensor parallel
+    costs tensor_parallel_mib more on every GPU; a layer split leaves the module that did not fit allocated on each
+    GPU it moved past, and runs its transient above the gpu_split cap (layer_spill_mib, every GPU but the last).
     """
     terms = profile.memory_overhead
     mib = terms.base_mib + terms.resident_mib + terms.chunk_mib_per_token * chunk_size
@@ -160,10 +162,10 @@ def overhead_mib(profile: ModelProfile, cache_mode: CacheMode, chunk_size: int, 
         mib += terms.quant_cache_staging_mib
     if split == "tp":
         mib += terms.tensor_parallel_mib
-    elif split == "layer":
-        mib += terms.layer_spill_mib
     elif holds_output:
         mib += terms.output_gpu_mib
+    elif split == "layer":
+        mib += terms.layer_spill_mib
     return math.ceil(mib)
 
 
@@ -172,27 +174,30 @@ def default_headroom_mib(total_mib: int) -> int:
     return max(MIN_HEADROOM_MIB, math.ceil(total_mib * HEADROOM_FRACTION))
 
 
-def layer_split_gib(usable_mib: int, profile: ModelProfile) -> float:
+def layer_split_gib(usable_mib: int, profile: ModelProfile, last: bool = False) -> float:
     """TabbyAPI gpu_split entry for a GPU: its torch budget in GiB, floored to 0.01.
 
     TabbyAPI passes gpu_split to exllamav3 as use_per_device, which multiplies by 1024**3 and caps torch's
-    allocator there (weights, cache, transients); the CUDA context and runtime (base_mib) sit outside that cap, and
-    so does the layer spill (layer_spill_mib: what the GPU holds above the cap after exllamav3's failed attempt to
-    place the next module there, plus its runtime transient; benchmarks/memory_calibration/RESULTS.md).
+    allocator there (weights, cache, resident statics, transients); the CUDA context and runtime (base_mib) sit
+    outside that cap. So does, on a GPU the loader moves past, the layer spill (layer_spill_mib: what the GPU holds
+    above the cap after exllamav3's failed attempt to place the next module there, plus its runtime transient), and
+    on the last GPU the loader's free-memory margin (output_gpu_mib; benchmarks/memory_calibration/RESULTS.md).
     """
-    hundredths = (usable_mib - _outside_gpu_split_mib(profile)) * 100 // 1024
+    hundredths = (usable_mib - outside_gpu_split_mib(profile, last)) * 100 // 1024
     return max(0, hundredths) / 100
 
 
-def layer_split_usable_mib(usable_mib: int, profile: ModelProfile) -> int:
+def layer_split_usable_mib(usable_mib: int, profile: ModelProfile, last: bool = False) -> int:
     """The usable memory that the rounded gpu_split entry really grants (so the plan matches the loader)."""
-    granted = _outside_gpu_split_mib(profile) + round(layer_split_gib(usable_mib, profile) * 100) * 1024 // 100
+    granted = (outside_gpu_split_mib(profile, last)
+               + round(layer_split_gib(usable_mib, profile, last) * 100) * 1024 // 100)
     return min(usable_mib, granted)
 
 
-def _outside_gpu_split_mib(profile: ModelProfile) -> int:
-    """Per-GPU memory a layer split keeps out of gpu_split: the CUDA context and the spill above the cap."""
-    return math.ceil(profile.memory_overhead.base_mib + profile.memory_overhead.layer_spill_mib)
+def outside_gpu_split_mib(profile: ModelProfile, last: bool = False) -> int:
+    """Per-GPU memory a layer split keeps out of gpu_split: the CUDA context, and the spill or the last GPU's margin."""
+    terms = profile.memory_overhead
+    return math.ceil(terms.base_mib + (terms.output_gpu_mib if last else terms.layer_spill_mib))
 
 
 @dataclass(frozen=True)
@@ -286,37 +291,45 @@ def place_tensor_parallel(profile: ModelProfile, quant: Quant, mode: CacheMode, 
 
 def place_layers(profile: ModelProfile, quant: Quant, mode: CacheMode, cache_tokens: int,
                  usable_mib: Sequence[int], chunk_size: int) -> Placement:
-    """Emulate exllamav3's autosplit: blocks in order, each GPU filled up to its usable memory, lm_head last."""
+    """Emulate exllamav3's autosplit: blocks in order, each GPU filled up to its gpu_split budget, lm_head last.
+
+    On several GPUs each GPU's budget is what its rounded gpu_split entry grants (layer_split_usable_mib). A GPU
+    that can take every remaining module with the last GPU's overhead (no spill, the output margin) is the last
+    one; otherwise it is filled under the spill overhead and the loader moves on. GPU 0 taking everything is a
+    single-GPU load (no gpu_split), so its whole usable memory counts.
+    """
     arch = profile.architecture
     layer_cache = cache_bytes(arch, mode, cache_tokens, layers=1)
-    split = "layer" if len(usable_mib) > 1 else "single"
-    plain = overhead_mib(profile, mode, chunk_size, holds_output=False, split=split)
-    output_extra = (overhead_mib(profile, mode, chunk_size, holds_output=True, split=split) - plain) * MIB
+    inner = overhead_mib(profile, mode, chunk_size, holds_output=False, split="layer")
+    last = overhead_mib(profile, mode, chunk_size, holds_output=True, split="layer")
     modules = [(b.attention_bytes + b.mlp_bytes + b.shared_bytes, layer_cache) for b in layer_weights(arch, quant)]
-    modules.append((head_bytes(arch, quant) + output_extra, 0))
+    modules.append((head_bytes(arch, quant), 0))
+    rest_weights = [0] * (len(modules) + 1)  # bytes from a position to the end
+    rest_cache = [0] * (len(modules) + 1)
+    for position in range(len(modules) - 1, -1, -1):
+        rest_weights[position] = rest_weights[position + 1] + modules[position][0]
+        rest_cache[position] = rest_cache[position + 1] + modules[position][1]
     loads: list[GpuLoad] = []
-    gpu, weights, cache = 0, 0, 0
-    for position, (module_weights, module_cache) in enumerate(modules):
-        while gpu < len(usable_mib):
-            fits = (_ceil_mib(weights + module_weights) + _ceil_mib(cache + module_cache) + plain
-                    <= usable_mib[gpu])
-            if fits:
-                weights, cache = weights + module_weights, cache + module_cache
+    position = 0
+    for gpu, usable in enumerate(usable_mib):
+        if position == len(modules):  # only when a profile's output margin exceeds its spill
+            break
+        last_budget = usable if gpu == 0 else layer_split_usable_mib(usable, profile, last=True)
+        weights, cache = rest_weights[position], rest_cache[position]
+        if _ceil_mib(weights) + _ceil_mib(cache) + last <= last_budget:
+            loads.append(GpuLoad(gpu, last_budget, _ceil_mib(weights), _ceil_mib(cache), last))
+            need = sum(load.usable_mib - load.free_after_mib for load in loads)
+            return Placement("layer", tuple(loads), 0, need, sum(usable_mib))
+        final = gpu == len(usable_mib) - 1
+        budget, overhead = (last_budget, last) if final else (layer_split_usable_mib(usable, profile), inner)
+        weights, cache = 0, 0
+        while position < len(modules):
+            module_weights, module_cache = modules[position]
+            if _ceil_mib(weights + module_weights) + _ceil_mib(cache + module_cache) + overhead > budget:
                 break
-            if weights or cache:
-                loads.append(_layer_load(gpu, usable_mib[gpu], weights, cache, plain, output_extra, False))
-            gpu, weights, cache = gpu + 1, 0, 0
-        else:
-            left = sum(w + c for w, c in modules[position:])
-            need = sum(load.usable_mib - load.free_after_mib for load in loads) + _ceil_mib(left) + plain
-            return Placement("layer", tuple(loads), _ceil_mib(left), need, sum(usable_mib))
-    loads.append(_layer_load(gpu, usable_mib[gpu], weights, cache, plain, output_extra, True))
-    need = sum(load.usable_mib - load.free_after_mib for load in loads)
-    return Placement("layer", tuple(loads), 0, need, sum(usable_mib))
-
-
-def _layer_load(gpu: int, usable: int, weights: int, cache: int, plain: int, output_extra: int,
-                holds_output: bool) -> GpuLoad:
-    """A filled GPU of a layer split; the output overhead rides with the lm_head on the last GPU."""
-    extra = output_extra if holds_output else 0
-    return GpuLoad(gpu, usable, _ceil_mib(weights - extra), _ceil_mib(cache), plain + extra // MIB)
+            weights, cache, position = weights + module_weights, cache + module_cache, position + 1
+        if weights or cache:
+            loads.append(GpuLoad(gpu, budget, _ceil_mib(weights), _ceil_mib(cache), overhead))
+    left = _ceil_mib(rest_weights[position] + rest_cache[position])
+    need = sum(load.usable_mib - load.free_after_mib for load in loads) + (left + inner if left else 0)
+    return Placement("layer", tuple(loads), left, need, sum(usable_mib))

@@ -43,7 +43,6 @@ from .memory import (
     cache_size_tokens,
     default_headroom_mib,
     layer_split_gib,
-    layer_split_usable_mib,
     overhead_mib,
     parse_cache_mode,
     place_layers,
@@ -80,7 +79,6 @@ class _Search:
         self.usable_mib = list(usable_mib)
         self.splits = tuple(splits)
         self.chunk_size = profile.serving.chunk_size
-        self.layer_usable_mib = [layer_split_usable_mib(u, profile) for u in usable_mib]
         self.cap_tokens = cache_size_tokens(profile.architecture.max_position_embeddings)
         self._placements: dict[tuple[str, CacheMode, str, int], Placement] = {}
 
@@ -92,8 +90,7 @@ class _Search:
                 placement = place_tensor_parallel(self.profile, quant, mode, tokens, self.usable_mib,
                                                   self.chunk_size)
             else:
-                usable = self.layer_usable_mib if len(self.usable_mib) > 1 else self.usable_mib
-                placement = place_layers(self.profile, quant, mode, tokens, usable, self.chunk_size)
+                placement = place_layers(self.profile, quant, mode, tokens, self.usable_mib, self.chunk_size)
             self._placements[key] = placement
         return self._placements[key]
 
@@ -117,9 +114,8 @@ class _Search:
 
     def _upper_pages(self, quant: Quant, mode: CacheMode, split: str) -> int:
         """Pages of cache that the total memory could hold at best (the whole cache must fit somewhere)."""
-        usable = self.layer_usable_mib if split == "layer" and len(self.usable_mib) > 1 else self.usable_mib
-        gpus_with_overhead = len(usable) if split == "tp" else 1
-        spare = (sum(usable) - gpus_with_overhead * overhead_mib(self.profile, mode, self.chunk_size, False)) * MIB
+        gpus_with_overhead = len(self.usable_mib) if split == "tp" else 1
+        spare = (sum(self.usable_mib) - gpus_with_overhead * overhead_mib(self.profile, mode, self.chunk_size, False)) * MIB
         spare -= weights_bytes(self.profile.architecture, quant)
         return max(1, int(spare // (cache_bytes_per_token(self.profile.architecture, mode) * 256)))
 
@@ -335,8 +331,8 @@ def _build_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReq
                       overhead_mib=load.overhead_mib,
                       free_after_mib=usable[load.index] - load.weights_mib - load.cache_mib - load.overhead_mib)
         for load in placement.loads)
-    gpu_split = ([layer_split_gib(usable[load.index], profile) for load in placement.loads]
-                 if split == "layer" else None)
+    gpu_split = ([layer_split_gib(usable[load.index], profile, last=load is placement.loads[-1])
+                  for load in placement.loads] if split == "layer" else None)
     quant = winner.quant
     return Plan(
         profile=profile.name, hf_repo=profile.hf_repo, quant=quant.branch, bpw=quant.bpw,

@@ -79,9 +79,9 @@ class MemoryOverhead:
     resident_mib: float              # exllamav3 static buffers + the chunk-independent part of the transient
     chunk_mib_per_token: float       # transient of the chunk_size dummy forward, per token of chunk_size
     quant_cache_staging_mib: float   # quantized-cache staging scratch (only with a quantized cache)
-    output_gpu_mib: float            # extra on the GPU that holds the lm_head output (single GPU)
+    output_gpu_mib: float            # extra on the GPU holding the lm_head (single, last of a layer split)
     tensor_parallel_mib: float       # extra on every GPU under tensor parallel (its worker processes)
-    layer_spill_mib: float           # extra on every GPU of a layer split across GPUs (module that did not fit)
+    layer_spill_mib: float           # extra on each GPU of a layer split but the last (module that did not fit)
     calibrated: bool                 # False while the numbers are placeholders
 
 

@@ -210,11 +210,11 @@ def fit_terms(results: dict[str, Any], rows: list[GpuRow]) -> dict[str, float]:
     def worst(roles: tuple[str, ...], quantized: bool) -> float:
         return max(r.overhead - core(r) for r in rows if r.role in roles and r.quantized == quantized)
 
-    output = worst(("single",), False)
+    output = worst(("single", "layer-last"), False)  # the GPU the loader finishes on
     tensor_parallel = worst(("tp-output", "tp-other"), False)
-    spill = worst(("layer-first", "layer-last"), False)
+    spill = worst(("layer-first",), False)  # GPUs the loader moved past
     role_term = {"single": output, "tp-output": tensor_parallel, "tp-other": tensor_parallel,
-                 "layer-first": spill, "layer-last": spill}
+                 "layer-first": spill, "layer-last": output}
     staging = max(0.0, max(r.overhead - core(r) - role_term[r.role] for r in rows if r.quantized))
     return {"base_mib": math.ceil(base), "resident_mib": math.ceil(resident),
             "chunk_mib_per_token": math.ceil(slope * 10_000) / 10_000, "quant_cache_staging_mib": math.ceil(staging),
@@ -241,8 +241,9 @@ def predict(profile: ModelProfile, row_cfg: dict[str, Any]) -> memory.Placement:
         return memory.place_tensor_parallel(profile, quant, mode, tokens, [big, big], chunk)
     if row_cfg["split"] == "layer":
         # the usable memory whose gpu_split entry (layer_split_gib) is what the measured load was given
-        terms = profile.memory_overhead
-        usable = [math.ceil(terms.base_mib + terms.layer_spill_mib) + round(g * 1024) for g in row_cfg["gpu_split"]]
+        entries = row_cfg["gpu_split"]
+        usable = [memory.outside_gpu_split_mib(profile, last=i == len(entries) - 1) + round(g * 1024)
+                  for i, g in enumerate(entries)]
         return memory.place_layers(profile, quant, mode, tokens, usable, chunk)
     return memory.place_layers(profile, quant, mode, tokens, [big], chunk)
 

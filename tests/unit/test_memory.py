@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 from hypothesis import given
@@ -96,10 +97,12 @@ def test_overhead_terms_each_apply_where_they_belong() -> None:
     assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=False) == 530 + 512 + 100
     assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=True) == 530 + 512 + 100 + 40
     assert memory.overhead_mib(profile, FP16, 1024, holds_output=True) == 530 + 256 + 40
-    # tensor parallel: its own term on every GPU; layer split across GPUs: the spill on every GPU, no output term
+    # tensor parallel: its own term on every GPU, no output term
     for holds_output in (False, True):
         assert memory.overhead_mib(profile, FP16, 2048, holds_output, split="tp") == 530 + 512 + 7
-        assert memory.overhead_mib(profile, FP16, 2048, holds_output, split="layer") == 530 + 512 + 900
+    # layer split: the spill on every GPU the loader moved past; the last GPU (the lm_head's) the output margin
+    assert memory.overhead_mib(profile, FP16, 2048, holds_output=False, split="layer") == 530 + 512 + 900
+    assert memory.overhead_mib(profile, FP16, 2048, holds_output=True, split="layer") == 530 + 512 + 40
 
 
 @pytest.mark.parametrize(("total", "headroom"), [(24_576, 256), (32_607, 327), (143_771, 1438), (8_000, 256)])
@@ -113,6 +116,16 @@ def test_gpu_split_entry_is_the_torch_budget_in_gib_floored() -> None:
     entry = memory.layer_split_gib(usable, PROFILE)
     assert entry == int((usable - base) * 100 / 1024) / 100
     granted = memory.layer_split_usable_mib(usable, PROFILE)
+    assert usable - 11 <= granted <= usable
+
+
+def test_last_gpu_split_entry_keeps_only_the_context_and_the_output_margin_outside() -> None:
+    terms = PROFILE.memory_overhead
+    usable = 24_320
+    entry = memory.layer_split_gib(usable, PROFILE, last=True)
+    assert entry == int((usable - terms.base_mib - terms.output_gpu_mib) * 100 / 1024) / 100
+    assert entry > memory.layer_split_gib(usable, PROFILE)  # no spill on the last GPU
+    granted = memory.layer_split_usable_mib(usable, PROFILE, last=True)
     assert usable - 11 <= granted <= usable
 
 
@@ -192,3 +205,56 @@ def test_layer_split_shortfall_is_what_did_not_fit() -> None:
     placed = sum(load.weights_mib + load.cache_mib for load in placement.loads)
     total = (memory.weights_bytes(ARCH, quant) + memory.cache_bytes(ARCH, CacheMode(5, 4), 32_768)) / MIB
     assert placement.short_by_mib == pytest.approx(total - placed, abs=4)
+
+
+def _layer_overheads(mode: CacheMode) -> tuple[int, int]:
+    inner = memory.overhead_mib(PROFILE, mode, CHUNK, holds_output=False, split="layer")
+    last = memory.overhead_mib(PROFILE, mode, CHUNK, holds_output=True, split="layer")
+    return inner, last
+
+
+def test_layer_split_charges_the_spill_on_every_gpu_but_the_last() -> None:
+    # exllamav3 leaves a failed module attempt only on GPUs it moved past (memory_calibration/RESULTS.md)
+    mode = CacheMode(5, 4)
+    placement = memory.place_layers(PROFILE, PROFILE.quant("3bpw_H6"), mode, 65_536, [40_000] * 4, CHUNK)
+    _check_fits(placement)
+    inner, last = _layer_overheads(mode)
+    terms = PROFILE.memory_overhead
+    assert last == math.ceil(terms.base_mib + terms.resident_mib + terms.chunk_mib_per_token * CHUNK
+                             + terms.quant_cache_staging_mib + terms.output_gpu_mib)
+    assert [load.overhead_mib for load in placement.loads] == [inner] * (len(placement.loads) - 1) + [last]
+    assert placement.loads[-1].usable_mib == memory.layer_split_usable_mib(40_000, PROFILE, last=True)
+    assert all(load.usable_mib == memory.layer_split_usable_mib(40_000, PROFILE)
+               for load in placement.loads[:-1])
+
+
+@given(st.integers(min_value=20_000, max_value=60_000))
+def test_the_last_gpu_is_filled_to_its_usable_memory_less_the_no_spill_overhead(first_mib: int) -> None:
+    # the smallest second GPU that completes the split has no room for a spill left over
+    quant, mode, tokens = PROFILE.quant("2bpw_H6"), CacheMode(5, 4), 32_768
+    _, last = _layer_overheads(mode)
+
+    def fits(second_mib: int) -> bool:
+        return memory.place_layers(PROFILE, quant, mode, tokens, [first_mib, second_mib], CHUNK).fits
+
+    low, high = 1, 200_000
+    assert fits(high)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle + 1, high)
+    placement = memory.place_layers(PROFILE, quant, mode, tokens, [first_mib, low], CHUNK)
+    *_, final = placement.loads
+    assert final.index == 1 and final.overhead_mib == last
+    assert 0 <= low - (final.weights_mib + final.cache_mib + last) <= 11  # gpu_split rounds down by < 0.01 GiB
+
+
+def test_a_gpu_that_takes_every_remaining_module_is_the_last_one() -> None:
+    # GPU 1 could hold the rest only without the spill: it is the last GPU, GPU 2 stays unused
+    quant, mode, tokens = PROFILE.quant("2bpw_H6"), CacheMode(5, 4), 32_768
+    inner, last = _layer_overheads(mode)
+    first, rest = memory.place_layers(PROFILE, quant, mode, tokens, [40_000, 200_000], CHUNK).loads
+    second = rest.weights_mib + rest.cache_mib + last + 11 + (inner - last) // 2  # too small for a spill
+    placement = memory.place_layers(PROFILE, quant, mode, tokens, [40_000, second, 200_000], CHUNK)
+    _check_fits(placement)
+    assert [load.index for load in placement.loads] == [0, 1]
+    assert placement.loads[0] == first and placement.loads[1].overhead_mib == last

@@ -161,6 +161,21 @@ def test_layer_split_gives_tabbyapi_a_gib_budget_per_gpu() -> None:
         assert (a.weights_mib + a.cache_mib) / 1024 <= budget <= a.usable_mib / 1024
 
 
+@pytest.mark.parametrize("spec", ["2xH200", "3x80GiB", "4x48GiB", "8x24GiB"])
+def test_each_gpu_split_entry_caps_what_torch_holds_on_that_gpu(spec: str) -> None:
+    # outside the cap: the CUDA context, plus the spill on GPUs the loader moves past, the margin on the last one
+    plan = plan_for(spec, split="layer")
+    assert plan.split == "layer" and plan.gpu_split is not None
+    terms = PROFILE.memory_overhead
+    for position, (budget, a) in enumerate(zip(plan.gpu_split, plan.per_gpu)):
+        last = position == len(plan.per_gpu) - 1
+        outside = terms.base_mib + (terms.output_gpu_mib if last else terms.layer_spill_mib)
+        assert budget == memory.layer_split_gib(a.usable_mib, PROFILE, last=last)
+        assert a.weights_mib + a.cache_mib + a.overhead_mib - outside <= budget * 1024
+        assert a.overhead_mib == memory.overhead_mib(PROFILE, mode_of(plan), plan.chunk_size, holds_output=last,
+                                                     split="layer")
+
+
 def test_tensor_parallel_has_no_gpu_split_and_uses_every_gpu() -> None:
     plan = plan_for("4xRTX5090", split="tp")
     assert plan.split == "tp" and plan.gpu_split is None and len(plan.per_gpu) == 4
