@@ -2,6 +2,11 @@
 full-precision reference, then exllamav3's exact full-vocabulary KL at the same positions. Writes results.json and
 results.md after every step (a run stopped early keeps what it finished).
 
+`--floor` (run.sh's SPOTCHECK_MODE=floor) first serves the BF16 model itself against its own reference: that
+spot-check's mean KL is the serving path's floor (TabbyAPI's cached, batched one-token forward vs the plain forward
+of the reference), to subtract from a quant's reading. `--extra-cache-mode` serves the last quant once more with
+that cache mode (e.g. "5,4"): the quantized cache's own KL.
+
 Run by run.sh on the device (README.md); every phase checks the time left and records why it stopped.
 """
 
@@ -117,15 +122,16 @@ class Tabby:
         self._log.close()
 
 
-def serve_and_verify(tabby_dir: Path, model_dir: Path, reference_path: Path, cache_mode: str, work: Path,
-                     out: Path, clock: Clock) -> dict[str, Any]:
-    """One quant: start TabbyAPI, `deploy verify --json` against it, stop it; its log tail goes to tabby.log."""
+def serve_and_verify(tabby_dir: Path, model_dir: Path, reference_path: Path, cache_mode: str, role: str,
+                     work: Path, out: Path, clock: Clock) -> dict[str, Any]:
+    """One model (role: floor, quant or cache): start TabbyAPI, `deploy verify --json` against it, stop it; its log
+    tail goes to tabby.log."""
     key = secrets.token_hex(16)
     key_file = work / "api_key"
     key_file.write_text(key)
     key_file.chmod(0o600)
-    server = Tabby(tabby_dir, model_dir, cache_mode, key, work / f"tabby-{model_dir.name}.log")
-    result: dict[str, Any] = {"model": model_dir.name, "cache_mode": cache_mode}
+    server = Tabby(tabby_dir, model_dir, cache_mode, key, work / f"tabby-{model_dir.name}-{role}.log")
+    result: dict[str, Any] = {"model": model_dir.name, "cache_mode": cache_mode, "role": role}
     try:
         ready_s = server.wait_ready(key, max(20.0, min(150.0, clock.left() - 60)))
         result["ready_s"] = ready_s
@@ -153,7 +159,7 @@ def serve_and_verify(tabby_dir: Path, model_dir: Path, reference_path: Path, cac
         server.stop()
         text = server.log_path.read_text(encoding="utf-8", errors="replace").replace(key, "<redacted>")
         with open(out / "tabby.log", "a", encoding="utf-8") as handle:
-            handle.write(f"==== {model_dir.name}\n" + "".join(text.splitlines(keepends=True)[-80:]))
+            handle.write(f"==== {model_dir.name} ({role}, cache {cache_mode})\n" + "".join(text.splitlines(keepends=True)[-80:]))
 
 
 def _positions(reference: Reference) -> list[tuple[str, list[int], list[int]]]:
@@ -238,7 +244,7 @@ def separation(low_bits: dict[str, Any], high_bits: dict[str, Any]) -> dict[str,
 
 def acceptance(results: dict[str, Any], quant_count: int) -> dict[str, Any]:
     """The issue's four requirements, from whatever has been measured so far."""
-    measured = [r for r in results["runs"] if (r.get("verify") or {}).get("kl")]
+    measured = [r for r in results["runs"] if (r.get("verify") or {}).get("kl") and r.get("role") == "quant"]
     means = [r["verify"]["kl"]["mean"] for r in measured]
     full = results.get("full_vocabulary", {}).get("quants", {})
     agreement = {}
@@ -269,6 +275,39 @@ def acceptance(results: dict[str, Any], quant_count: int) -> dict[str, Any]:
     }
 
 
+def floor_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The serving floor (BF16 served against its own reference) and each quant's reading less that floor,
+    against the exact full-vocabulary KL; the extra cache mode's paired difference to the same quant on FP16."""
+    runs = [r for r in results["runs"] if (r.get("verify") or {}).get("kl")]
+    floor_run = next((r for r in runs if r["role"] == "floor"), None)
+    if floor_run is None:
+        return {}
+    kl = floor_run["verify"]["kl"]
+    summary: dict[str, Any] = {"floor": {key: kl[key] for key in ("mean", "ci95", "median", "p99", "max", "positions")},
+                               "floor_top1": floor_run["verify"].get("top1_agreement"), "quants": {}}
+    full = results.get("full_vocabulary", {}).get("quants", {})
+    agreement = results.get("acceptance", {}).get("agreement", {})
+    for run in (r for r in runs if r["role"] == "quant"):
+        exact = full.get(run["model"], {})
+        spot = run["verify"]["kl"]["mean"]
+        row: dict[str, Any] = {"spot": spot, "spot_minus_floor": spot - kl["mean"],
+                               "paired_vs_floor": separation(run["verify"], floor_run["verify"])}
+        same = agreement.get(run["model"], {}).get("full_mean_same_positions")
+        if same:
+            offline = exact["offline_estimator_mean"]["100"]
+            row.update({"exact": same, "offline_k100": offline, "spot_over_exact": spot / same,
+                        "spot_minus_floor_over_exact": (spot - kl["mean"]) / same,
+                        "spot_minus_offline_k100": spot - offline,
+                        "within_20pct_after_floor": abs((spot - kl["mean"]) / same - 1) <= AGREEMENT})
+        summary["quants"][run["model"]] = row
+    for run in (r for r in runs if r["role"] == "cache"):
+        fp16 = next((r for r in runs if r["role"] == "quant" and r["model"] == run["model"]), None)
+        summary[f"cache {run['cache_mode']} {run['model']}"] = {
+            "spot": run["verify"]["kl"]["mean"], "ci95": run["verify"]["kl"]["ci95"],
+            "minus_fp16_cache": separation(run["verify"], fp16["verify"]) if fp16 else None}
+    return summary
+
+
 def _f(value: Any, spec: str = ".5f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -282,16 +321,17 @@ def markdown(results: dict[str, Any]) -> str:
     agreement = results.get("acceptance", {}).get("agreement", {})
     for run in results["runs"]:
         name = run["model"]
+        label = name if run.get("role") == "quant" else f"{name} ({run.get('role')}, {run.get('cache_mode')})"
         verify = run.get("verify") or {}
         kl = verify.get("kl") or {}
         if not kl:
-            lines.append(f"| {name} | {run.get('error', 'no result')} | | | | | | | | |")
+            lines.append(f"| {label} | {run.get('error', 'no result')} | | | | | | | | |")
             continue
-        exact = full.get(name, {})
+        exact = full.get(name, {}) if run.get("role") == "quant" else {}
         ci = exact.get("exact_ci95")
-        agree = agreement.get(name, {})
+        agree = agreement.get(name, {}) if run.get("role") == "quant" else {}
         lines.append(
-            f"| {name} | {kl['mean']:.5f} ({kl['ci95'][0]:.5f}-{kl['ci95'][1]:.5f}) "
+            f"| {label} | {kl['mean']:.5f} ({kl['ci95'][0]:.5f}-{kl['ci95'][1]:.5f}) "
             f"| {_f(verify.get('top1_agreement'), '.3f')} "
             f"| {_f(exact.get('exact_mean'))}" + (f" ({ci[0]:.5f}-{ci[1]:.5f})" if ci else "") +
             f" | {_f(exact.get('exact_top1'), '.3f')} | {_f(agree.get('spot_over_full'), '.3f')} "
@@ -305,6 +345,8 @@ def markdown(results: dict[str, Any]) -> str:
     accept = results.get("acceptance", {})
     for pair, value in accept.get("separation", {}).items():
         lines.append(f"\nSeparation {pair}: {json.dumps(value)}")
+    if results.get("floor"):
+        lines.append(f"\nServing floor: {json.dumps(results['floor'])}")
     lines.append(f"\nRanking correct (spot-check): {accept.get('ranking_correct')}; (full vocabulary): "
                  f"{accept.get('exact_ranking_correct')}; KL server time under 60 s: "
                  f"{accept.get('server_seconds_under_60')}")
@@ -322,6 +364,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420)
     parser.add_argument("--reference", type=Path, help="use this reference instead of computing one")
     parser.add_argument("--reference-stats", type=Path, help="JSON {exit, seconds} of the reference compute")
+    parser.add_argument("--floor", action="store_true",
+                        help="first serve the BF16 model itself against its reference: the serving floor")
+    parser.add_argument("--extra-cache-mode", help="then serve the last quant again with this cache mode")
     parser.add_argument("--skip-full-vocabulary", action="store_true", help="no exllamav3 here (a dry run)")
     args = parser.parse_args()
     clock = Clock(args.budget_s)
@@ -332,6 +377,7 @@ def main() -> int:
 
     def save() -> None:
         results["acceptance"] = acceptance(results, len(args.quant))
+        results["floor"] = floor_summary(results)
         for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", markdown(results))):
             tmp = args.out / f".{name}.tmp"
             tmp.write_text(text, encoding="utf-8")
@@ -361,17 +407,23 @@ def main() -> int:
                             "kind": reference.kind, "top_k": reference.settings.get("top_k"),
                             "model_id": reference.model_id}
     save()
-    for quant_dir in args.quant:
+    jobs = [(args.bf16, args.cache_mode, "floor")] if args.floor else []
+    jobs += [(quant_dir, args.cache_mode, "quant") for quant_dir in args.quant]
+    if args.extra_cache_mode:
+        jobs.append((args.quant[-1], args.extra_cache_mode, "cache"))
+    for model_dir, cache_mode, role in jobs:
         if clock.left() < 60:
-            results["runs"].append({"model": quant_dir.name, "error": "skipped: out of time"})
+            results["runs"].append({"model": model_dir.name, "cache_mode": cache_mode, "role": role,
+                                    "error": "skipped: out of time"})
             continue
         try:
-            run = serve_and_verify(args.tabby, quant_dir, reference_path, args.cache_mode, work, args.out, clock)
+            run = serve_and_verify(args.tabby, model_dir, reference_path, cache_mode, role, work, args.out, clock)
         except Exception as error:  # noqa: BLE001 - one broken quant must not lose the others
-            run = {"model": quant_dir.name, "error": f"{type(error).__name__}: {error}"}
+            run = {"model": model_dir.name, "cache_mode": cache_mode, "role": role,
+                   "error": f"{type(error).__name__}: {error}"}
         results["runs"].append(run)
         verify = run.get("verify") or {}
-        log(f"{quant_dir.name}: verify exit {run.get('verify_exit')}, kl {verify.get('kl')}, top-1 "
+        log(f"{model_dir.name} ({role}, {cache_mode}): verify exit {run.get('verify_exit')}, kl {verify.get('kl')}, top-1 "
             f"{verify.get('top1_agreement')}, timing {verify.get('timing')}, error {run.get('error')}, checks "
             f"{[(c['name'], c['passed']) for c in verify.get('checks', [])]}")
         save()

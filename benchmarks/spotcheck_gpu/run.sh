@@ -6,11 +6,20 @@
 # Usage on the device, from the repository root:
 #   OUT=$OUT bash benchmarks/spotcheck_gpu/run.sh
 # Env: BITS (default "2 4 6"), CACHE_MODE (FP16), HEAD_STD (0.16), BUDGET_S (450: the whole script).
+#   SPOTCHECK_MODE=floor: BITS defaults to "6"; TabbyAPI first serves the BF16 model itself against its own
+#   reference (the serving floor), then the quant(s), then the last quant again with EXTRA_CACHE_MODE ("5,4";
+#   empty: skipped). README.md "Serving floor".
 # $OUT (7 files; a device run returns at most 8): detect-1gpu.txt, setup.log (set-up, model, reference compute,
 # conversions), reference.json.gz, results.json, results.md, tabby.log (keys redacted), driver.log.
 set -uo pipefail
 OUT=${OUT:?set OUT to a folder for the results}
-BITS=${BITS:-2 4 6}
+MODE=${SPOTCHECK_MODE:-acceptance}
+case $MODE in
+    acceptance) BITS=${BITS:-2 4 6}; mode_args=() ;;
+    floor) BITS=${BITS:-6}; mode_args=(--floor)
+           [ -n "${EXTRA_CACHE_MODE-5,4}" ] && mode_args+=(--extra-cache-mode "${EXTRA_CACHE_MODE-5,4}") ;;
+    *) echo "SPOTCHECK_MODE must be acceptance or floor, not $MODE"; exit 2 ;;
+esac
 BUDGET_S=${BUDGET_S:-450}
 here=benchmarks/spotcheck_gpu
 work=/tmp/spotcheck
@@ -74,7 +83,7 @@ done
 
 python3 $here/driver.py --bf16 "$bf16" "${quants[@]}" --tabby "$TABBY_DIR" --out "$OUT" --reference "$reference" \
     --reference-stats "$work/reference-stats.json" --cache-mode "${CACHE_MODE:-FP16}" \
-    --budget-s $((BUDGET_S - SECONDS)) 2>&1 | tee "$OUT/driver.log" | cut -c1-400
+    --budget-s $((BUDGET_S - SECONDS)) "${mode_args[@]}" 2>&1 | tee "$OUT/driver.log" | cut -c1-400
 code=${PIPESTATUS[0]}
 echo "all done at ${SECONDS} s (driver exit $code)"
 exit "$code"
