@@ -275,7 +275,7 @@ def test_ingress_endpoint_mode_uses_the_routing_mesh(tmp_path):
     stack = yaml.safe_load((tmp_path / "out" / "stack.yml").read_text())
     assert stack["services"]["gateway"]["ports"][0] == {"target": 5000, "published": 8080, "protocol": "tcp",
                                                          "mode": "ingress"}
-    assert stack["services"]["gateway"]["deploy"]["mode"] == "replicated"
+    assert stack["services"]["gateway"]["deploy"]["update_config"]["order"] == "start-first"
     assert {s["image"] for n, s in stack["services"].items() if n != "gateway"} == {"registry.local/tabby:1"}
 
 

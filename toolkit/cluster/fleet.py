@@ -15,7 +15,7 @@
     replicas: 1                    # replicas per node
     endpoint: {port: 5000, bind: 127.0.0.1, mode: host}
 
-endpoint.mode: `host` publishes the endpoint on every manager (no IPVS needed), `ingress` on every node through the
+endpoint.mode: `host` publishes the endpoint on every node's own port (no IPVS needed), `ingress` through the
 routing mesh (needs IPVS). endpoint.bind applies to the per-host compose files (Swarm cannot bind an address).
 A node's gpus are what ONE replica gets; with replicas: N the node advertises N times as many (node-config).
 
@@ -149,7 +149,7 @@ def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
     endpoint_mode = endpoint.get("mode", "host")
     if endpoint_mode not in ENDPOINT_MODES:
         raise doc.error(("endpoint", "mode"), f"{endpoint_mode!r} is not host or ingress",
-                        "host: on every manager (no IPVS needed); ingress: Swarm's routing mesh")
+                        "host: on every node (no IPVS needed); ingress: Swarm's routing mesh")
     raw_nodes = top.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise doc.error(("nodes",), "must be a non-empty list of nodes", "e.g. nodes: [{name: gpu-a, gpus: 8x24GiB}]")

@@ -9,9 +9,12 @@ The stack (built as data, dumped as safe YAML):
   failure): the last healthy replica is never taken down. An update therefore needs one replica's GPUs free in
   the class; until they are, the new task waits (pending) and the old one keeps serving;
 - one endpoint: an HAProxy gateway that balances over every class's healthy tasks (Docker's DNS
-  `tasks.<service>`), checks /health itself and retries connection failures on another replica. It publishes the
-  endpoint port on every manager in host mode (works without IPVS), or through the routing mesh
-  (`endpoint.mode: ingress`). One gateway is needed because two services cannot publish the same port;
+  `tasks.<service>`), checks /health itself and retries connection failures on another replica. One gateway is
+  needed because two services cannot publish the same port. It runs on every node (global) and publishes the
+  endpoint port there in host mode (works without IPVS), or through the routing mesh (`endpoint.mode: ingress`).
+  Running on every node also works around moby/moby#44378: a task that claims generic resources and joins an
+  overlay network is rejected ("node is missing network attachments") on a node where no other task has
+  attached that network yet;
 - every replica's API port also published in host mode on a port Swarm picks, so `deploy cluster verify` can
   check each replica on its own (the port answers only with the API key).
 """
@@ -165,18 +168,16 @@ def _tabby_service(node_class: NodeClass, image: str, config_key: str, start_per
 
 
 def _gateway_service(fleet_plan: FleetPlan, options: StackOptions, config_key: str) -> dict[str, Any]:
-    """The endpoint: HAProxy on every manager (host mode) or behind the routing mesh (ingress mode)."""
+    """The endpoint: HAProxy on every node, on the node's port (host mode) or behind the routing mesh."""
     ingress = (options.endpoint_mode or fleet_plan.fleet.endpoint_mode) == "ingress"
     image = options.gateway_image or fleet_plan.fleet.gateway_image
+    # Host-mode ports cannot be bound twice on a node, so a host-mode gateway is replaced stop-first.
     deploy: dict[str, Any] = {
+        "mode": "global",
         "update_config": {"parallelism": 1, "delay": "5s", "order": "start-first" if ingress else "stop-first",
                           "failure_action": "rollback"},
         "restart_policy": {"condition": "any", "delay": "2s"},
     }
-    if ingress:
-        deploy.update({"mode": "replicated", "replicas": 2})
-    else:
-        deploy.update({"mode": "global", "placement": {"constraints": ["node.role == manager"]}})
     return {
         "image": safety.image_ref(image, "gateway image"),
         "command": ["haproxy", "-W", "-db", "-f", GATEWAY_CONFIG_PATH],

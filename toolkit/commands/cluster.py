@@ -37,8 +37,8 @@ def register(subparsers: Any) -> None:
     render.add_argument("--out", required=True, type=Path, help="output folder (created, or updated if ours)")
     render.add_argument("--force", action="store_true", help="write into a non-empty folder that is not ours")
     render.set_defaults(run=run_render)
-    verify.add_argument("--url", help="the shared endpoint (default http://127.0.0.1:<endpoint.port>, i.e. run on "
-                                      "a manager)")
+    verify.add_argument("--url", help="the shared endpoint (default http://127.0.0.1:<endpoint.port>: the gateway "
+                                      "answers on every node)")
     verify.add_argument("--no-endpoint", action="store_true", help="verify only the replicas")
     verify.add_argument("--api-key-file", help="api_tokens.yml of the rendered folder, or a key file "
                                                "(default: $DEPLOY_API_KEY)")
