@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     verify = commands.add_parser("verify", help="verify every replica and the shared endpoint")
     for sub in (plan, render, verify):
         sub.add_argument("--inventory", required=True, type=Path, metavar="FLEET_YAML", help="the fleet file")
-    for sub in (plan, render, verify):
+    for sub in (plan, render):
         sub.add_argument("--allow-mixed", action="store_true",
                          help="allow classes to serve different quants behind one endpoint")
     plan.add_argument("--json", action="store_true", help="print the fleet plan as JSON")
