@@ -229,6 +229,20 @@ def test_a_killed_replica_is_restored_and_the_endpoint_stays_up(site, monkeypatc
     assert data["passed"], json.dumps(data, indent=1)[:3000]
 
 
+def test_cluster_verify_fails_while_a_class_is_short_of_replicas(site, monkeypatch, capsys):
+    service = f"{STACK}_{site.fleet_plan().classes[1].service}"
+    site.manager.cli("service", "scale", "--detach", f"{service}=0")
+    try:
+        _wait(lambda: not site.running_tasks(service), 60, "the class to scale to 0", site.diagnose)
+        data = site.cluster_verify(monkeypatch, capsys)
+        assert not data["passed"]
+        assert data["problems"] == [f"{service}: 0/1 replicas running"]
+        assert all(t["report"]["passed"] for t in data["targets"])  # the rest still serves
+    finally:
+        site.manager.cli("service", "scale", "--detach", f"{service}=1")
+    _wait(lambda: site.converged(FULL_CONTEXT), 120, "the class to come back", site.diagnose)
+
+
 def _claim(site: Site, gpus: int) -> str:
     name = f"glmdt-claim{gpus}-{secrets.token_hex(3)}"
     site.manager.cli("service", "create", "--detach", "--name", name, "--generic-resource", f"NVIDIA-GPU={gpus}",
