@@ -2,8 +2,9 @@
 before the port opens (or, optionally, an open port answering 503 while loading), exllamav3's OOM on request.
 
 Settings beyond TabbyAPI's own live in config.yml's `test_server:` section, each overridable by an env var:
-  bits (GLM_TEST_SERVER_BITS): weight bits of the tiny model; default: the N of "Nbpw" in model_name, else full
-      precision ("none" forces full precision)
+  bits (GLM_TEST_SERVER_BITS): weight bits of the tiny model, a number (a fractional bpw such as 3.84 is rounded
+      half up to a whole width, model.whole_bits) or "none" for full precision; default: the first "<number>bpw"
+      in model_name (GLM-4.7-EXL3-4bpw_H6 -> 4, 3.84bpw-tuned -> 3.84 -> 4), else full precision
   seed (GLM_TEST_SERVER_SEED): weight seed, default 0
   load_delay_s (GLM_TEST_SERVER_LOAD_DELAY_S): seconds the "model load" takes, default 0
   port_during_load (GLM_TEST_SERVER_PORT_DURING_LOAD): "closed" (TabbyAPI's behaviour, default) or "open"
@@ -27,12 +28,14 @@ from typing import Any
 
 import yaml
 
-from .model import TinyModel
+from .model import TinyModel, whole_bits
 from .server import OOM_MESSAGE, ModelSettings, ServerState, make_http_server
 
 DEFAULT_MAX_SEQ_LEN = 8192
 # TabbyAPI accepts FP16, Q4/Q6/Q8 and "K,V" with 2-8 bits each (tabbyapi.md); "k5v4" is rejected.
 CACHE_MODE = re.compile(r"^(FP16|Q4|Q6|Q8|[2-8],[2-8])$")
+# A whole "<number>bpw" (3.84bpw-tuned, GLM-4.7-EXL3-4bpw_H6), never the tail of a longer number (84 of 3.84).
+BPW_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)bpw")
 
 
 class ConfigError(Exception):
@@ -66,18 +69,29 @@ def _env_overrides(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _bits(section: dict[str, Any], model_name: str) -> int | None:
+    """test_server.bits when set (a number or "none"), else the first "<number>bpw" of model_name, else None."""
+    value = section.get("bits")
+    if value is None:
+        match = BPW_IN_NAME.search(model_name)
+        if match is None:
+            return None
+        value = match.group(1)
+    elif str(value).strip().lower() == "none":
+        return None
+    try:
+        return whole_bits(float(value))
+    except ValueError as error:
+        raise ConfigError(f"test_server.bits {value!r}: {error}") from None
+
+
 def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
     section = config.get("test_server") or {}
-    bits = section.get("bits")
-    if bits is None:
-        match = re.search(r"(\d+)bpw", model_name)
-        bits = int(match.group(1)) if match else None
-    elif str(bits).lower() == "none":
-        bits = None
+    bits = _bits(section, model_name)
     port_during_load = str(section.get("port_during_load", "closed"))
     if port_during_load not in ("closed", "open"):
         raise ConfigError(f"test_server.port_during_load must be closed or open, got {port_during_load!r}")
-    return TestServerOptions(bits=None if bits is None else int(bits), seed=int(section.get("seed", 0)),
+    return TestServerOptions(bits=bits, seed=int(section.get("seed", 0)),
                              load_delay_s=float(section.get("load_delay_s", 0)),
                              port_during_load=port_during_load, oom=bool(section.get("oom", False)),
                              think=bool(section.get("think", True)))

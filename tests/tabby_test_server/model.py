@@ -8,6 +8,7 @@ TabbyAPI-style top-K dict keyed by decoded strings loses entries exactly as the 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,12 +133,27 @@ def quantize_rows(matrix: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.round(matrix / scale), -levels, levels) * scale
 
 
+MIN_BITS, MAX_BITS = 2, 16  # symmetric rounding needs at least one level either side of zero
+
+
+def whole_bits(bpw: float) -> int:
+    """The integer bit width the quantizer uses for a bits-per-weight figure: rounded half up (3.84 -> 4, 2.5 -> 3).
+
+    EXL3 quants have fractional averages (2.10, 2.57, 3.15, 3.84 bpw); this model rounds every weight of a row to
+    the same whole number of bits, so the nearest width stands in for them.
+    """
+    bits = math.floor(bpw + 0.5)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{bpw} bits per weight rounds to {bits}; the tiny model takes {MIN_BITS} to {MAX_BITS}")
+    return bits
+
+
 def quantize(weights: Weights, bits: int | None) -> Weights:
     """The weights at `bits` bits per weight (None: full precision, unchanged)."""
     if bits is None:
         return weights
-    if not 2 <= bits <= 16:
-        raise ValueError(f"bits must be between 2 and 16, got {bits}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
     return Weights(embed=quantize_rows(weights.embed, bits), hidden=quantize_rows(weights.hidden, bits),
                    hidden_bias=weights.hidden_bias, out=quantize_rows(weights.out, bits),
                    out_bias=weights.out_bias)

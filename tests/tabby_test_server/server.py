@@ -139,6 +139,32 @@ def _top_entries(model: TinyModel, logprobs: np.ndarray, k: int) -> list[tuple[i
     return [(int(i), model.tokenizer.pieces[int(i)], float(logprobs[i])) for i in order]
 
 
+@dataclass(frozen=True)
+class Steering:
+    """What a chat template imposes on sampling: tokens emitted at given steps, tokens never sampled, and the
+    first step at which the model may stop (EOS)."""
+
+    forced: dict[int, int] = field(default_factory=dict)
+    banned: tuple[int, ...] = ()
+    stop_from: int = 0
+
+
+def chat_steering(think: bool, max_tokens: int) -> Steering:
+    """GLM-4.7's shape: with thinking on, <think>, reasoning, </think>, then content; the markers are structural.
+
+    The markers are never sampled, EOS cannot end the reasoning or come first in the content, so every chat
+    answer with at least 2 tokens of room is a well-formed <think>...</think> block followed by content (at least
+    one token of it from 3 tokens of room): what the reasoning parser splits then depends on the split, not on
+    what a low-bit model happens to sample. </think> comes at step min(REASONING_TOKENS, max_tokens // 2), at
+    least 1 (REASONING_TOKENS without max_tokens).
+    """
+    markers = (THINK_ID, THINK_END_ID)
+    if not think:
+        return Steering(banned=markers, stop_from=1)
+    close = min(REASONING_TOKENS, max(max_tokens // 2, 1)) if max_tokens else REASONING_TOKENS
+    return Steering(forced={0: THINK_ID, close: THINK_END_ID}, banned=markers, stop_from=close + 2)
+
+
 @dataclass
 class Generation:
     """One generated sequence with the per-token logprob records TabbyAPI builds (chat format)."""
@@ -149,8 +175,8 @@ class Generation:
 
 
 def _generate(state: ServerState, prompt_ids: list[int], body: dict[str, Any], top_k: int,
-              forced: dict[int, int] | None = None) -> Generation:
-    """Sample up to max_tokens tokens; forced maps a step to a token the chat template makes the model emit."""
+              steering: Steering = Steering()) -> Generation:
+    """Sample up to max_tokens tokens as steered (a completion is not steered; a chat is, chat_steering)."""
     model = _loaded(state)
     settings = state.settings
     assert settings is not None
@@ -169,9 +195,12 @@ def _generate(state: ServerState, prompt_ids: list[int], body: dict[str, Any], t
     finish_reason = "length"
     for step in range(max_tokens):
         logprobs = model.logprobs(prompt_ids + ids)
-        token = (forced or {}).get(step)
+        token = steering.forced.get(step)
         if token is None:
-            token = _sample(logprobs, body, rng)
+            blocked = list(steering.banned) + ([EOS_ID] if step < steering.stop_from else [])
+            allowed = logprobs.copy()
+            allowed[blocked] = -np.inf
+            token = _sample(allowed, body, rng)
         if token == EOS_ID:
             finish_reason = "stop"
             break
@@ -259,10 +288,10 @@ def chat_completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]
     prompt = chat_prompt(messages)
     _fail_if_triggered(state, prompt, "Chat completion")
     prompt_ids = model.tokenizer.encode(prompt)
-    max_tokens = body.get("max_tokens") or 0
-    forced = {0: THINK_ID, min(REASONING_TOKENS, max(max_tokens // 2, 1)): THINK_END_ID} if state.think else None
+    max_tokens = body.get("max_tokens")
+    room = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0  # _generate: 422
     top_k = body.get("top_logprobs") or 0 if body.get("logprobs") else 0
-    generation = _generate(state, prompt_ids, body, top_k, forced)
+    generation = _generate(state, prompt_ids, body, top_k, chat_steering(state.think, room))
     text = model.tokenizer.decode(generation.ids)
     content, reasoning, span = text, None, generation.records
     start, end = settings.reasoning_start_token, settings.reasoning_end_token

@@ -14,8 +14,11 @@ import pytest
 import yaml
 
 from tests.tabby_test_server import testing
+from tests.tabby_test_server.app import ConfigError, load_config, prepare
 from tests.tabby_test_server.model import TinyModel
 from tests.tabby_test_server.server import ERROR_TRIGGER, OOM_MESSAGE
+from toolkit.verify.checks import Expectations, check_function
+from toolkit.verify.client import TabbyClient
 from toolkit.verify.kl import full_kl
 
 KEY = "server-test-key-77aa"
@@ -154,6 +157,8 @@ def test_oom_mode_prints_exllamav3_message_and_exits(tmp_path):
 @pytest.mark.parametrize("model, message", [
     ({"model_name": "tiny", "cache_size": 1000}, "multiple of 256"),
     ({"model_name": "tiny", "cache_mode": "k5v4"}, "invalid cache_mode"),
+    ({"model_name": "0.4bpw-tiny"}, "rounds to 0"),
+    ({"model_name": "GLM-4.7-EXL3-24bpw"}, "rounds to 24"),
 ])
 def test_invalid_config_refuses_to_start(tmp_path, model, message):
     result = _run_server_process(tmp_path, {"network": {"port": testing.free_port()}, "model": model})
@@ -161,8 +166,6 @@ def test_invalid_config_refuses_to_start(tmp_path, model, message):
 
 
 def test_missing_api_tokens_are_generated(tmp_path):
-    from tests.tabby_test_server.app import prepare
-
     prepared = prepare({"model": {"model_name": "tiny"}}, tmp_path)
     tokens = yaml.safe_load((tmp_path / "api_tokens.yml").read_text())
     assert prepared.state.api_keys == {tokens["api_key"]} and prepared.state.admin_key == tokens["admin_key"]
@@ -180,3 +183,110 @@ def test_tokenizer_round_trips_multilingual_text():
     tokenizer = TinyModel().tokenizer
     for text in ("héllo wörld", "清晨的市场", "def f(x):\n    return x", "<think>a</think>b"):
         assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+# --- bit width -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "bits"), [
+    ("3.84bpw-tuned", 4), ("2.10bpw-tuned", 2), ("2.57bpw-tuned", 3), ("3.15bpw-tuned", 3),
+    ("GLM-4.7-EXL3-4bpw_H6", 4), ("8bpw_H8", 8), ("tiny-6bpw", 6), ("GLM-4.7-EXL3", None), ("tiny", None),
+])
+def test_bits_come_from_the_leading_bpw_of_the_model_name(tmp_path, name, bits):
+    # the deploy tests name the model after the quant branch (TabbyAPI's model_name is the folder)
+    assert prepare({"model": {"model_name": name}}, tmp_path).options.bits == bits
+
+
+@pytest.mark.parametrize(("setting", "bits"), [(5, 5), (3.84, 4), ("2.5", 3), ("none", None), ("None", None)])
+def test_explicit_bits_win_over_the_model_name(tmp_path, setting, bits):
+    config = {"model": {"model_name": "3.84bpw-tuned"}, "test_server": {"bits": setting}}
+    assert prepare(config, tmp_path).options.bits == bits
+
+
+def test_bits_env_overrides_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "config.yml").write_text(yaml.safe_dump({"model": {"model_name": "8bpw_H8"},
+                                                        "test_server": {"bits": 6}}))
+    monkeypatch.setenv("GLM_TEST_SERVER_BITS", "2.57")
+    assert prepare(load_config(tmp_path), tmp_path).options.bits == 3
+
+
+@pytest.mark.parametrize("setting", [1, 17, "four", True])
+def test_unusable_bits_are_a_config_error(tmp_path, setting):
+    with pytest.raises(ConfigError, match="test_server.bits"):
+        prepare({"model": {"model_name": "tiny"}, "test_server": {"bits": setting}}, tmp_path)
+
+
+def test_a_tuned_quant_name_serves_the_rounded_width(tmp_path):
+    prompt = "The river runs through the city"
+    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "3.84bpw-tuned"})
+    try:
+        body = {"prompt": prompt, "max_tokens": 1, "logprobs": 5, "temperature": 0}
+        top = _post(running, "/v1/completions", body).json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    finally:
+        running.stop()
+    served = sorted(top.values(), reverse=True)
+    for bits, same in ((4, True), (3, False), (None, False)):
+        model = TinyModel(bits=bits)
+        expected = np.sort(model.logprobs(model.tokenizer.encode(prompt)))[::-1][:len(served)]
+        assert np.allclose(served, expected) is same, bits
+
+
+# --- reasoning structure ------------------------------------------------------------------------------------------
+
+def _chat(server, body: dict) -> dict:
+    return _post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_chat_reasoning_is_one_well_formed_block_then_content_at_any_bit_width(tmp_path, bits):
+    # at 2 bits, free sampling used to put a stray </think> into the content (seed 0, the verify prompt)
+    prompts = ["Reply with one short sentence: what is the capital of France?", "hello", "def f(x):"]
+    for seed in range(4):
+        raw_dir, split_dir = tmp_path / f"raw{seed}", tmp_path / f"split{seed}"
+        raw_dir.mkdir()
+        split_dir.mkdir()
+        raw = testing.start(raw_dir, api_key=KEY, model={"model_name": "tiny", "reasoning": False},
+                            test_server={"bits": bits, "seed": seed})
+        split = testing.start(split_dir, api_key=KEY, model={"model_name": "tiny", "reasoning": True},
+                              test_server={"bits": bits, "seed": seed})
+        try:
+            for prompt in prompts:
+                for temperature, max_tokens in ((0, 64), (1.0, 64), (2.0, 24), (1.0, 5), (1.0, 3)):
+                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                            "temperature": temperature}
+                    text = _chat(raw, body)["content"]
+                    assert text.startswith("<think>") and text.count("<think>") == 1, text
+                    reasoning, end, content = text[len("<think>"):].partition("</think>")
+                    assert end and content and "<think>" not in content and "</think>" not in content, text
+                    message = _chat(split, body)
+                    assert (message["reasoning_content"] or "", message["content"]) == (reasoning, content)
+        finally:
+            raw.stop()
+            split.stop()
+
+
+def test_without_thinking_no_marker_is_ever_sampled(tmp_path):
+    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny", "reasoning": True},
+                            test_server={"bits": 2, "think": False})
+    try:
+        for temperature in (0, 1.0, 2.0):
+            body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 64,
+                    "temperature": temperature}
+            message = _chat(running, body)
+            assert message["content"] and message["reasoning_content"] is None
+            assert "<think>" not in message["content"] and "</think>" not in message["content"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_verify_function_check_passes_a_2_bit_server_with_a_reasoning_parser(tmp_path, seed):
+    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "2bpw_H6", "reasoning": True},
+                            test_server={"seed": seed})
+    client = TabbyClient(running.url, KEY)
+    try:
+        check = check_function(client, Expectations())
+    finally:
+        client.close()
+        running.stop()
+    assert check.passed, check.detail
+    assert "reasoning_content" in check.detail
