@@ -117,19 +117,21 @@ def run_render(args: argparse.Namespace) -> int:
     out.print("1. on each node: deploy node-config (daemon.json, runtime, label); on a manager:", markup=False)
     for command in manifest["label_commands"]:
         out.print(f"   {command}", markup=False)
-    out.print("2. on each node of a class, build its image and fetch the model into models_dir:", markup=False)
+    out.print("2. on each node, from a copy of this folder: its class's image (no registry: every node builds) "
+              f"and the model into {fleet_plan.fleet.models_dir}/<quant>:", markup=False)
     for entry in manifest["classes"]:
-        if entry["built_here"]:
-            out.print(f"   {entry['class']} ({', '.join(entry['nodes'])}): docker build -t {entry['image']} "
-                      f"classes/{entry['class']}", markup=False)
-        else:
-            out.print(f"   {entry['class']}: image {entry['image']}", markup=False)
-        out.print(f"   model {fleet_plan.fleet.models_dir}/{entry['model_id']}", markup=False)
+        for node in entry["nodes"]:
+            build = (f"docker build -t {entry['image']} classes/{entry['class']}" if entry["built_here"]
+                     else f"docker pull {entry['image']}")
+            out.print(f"   {node}: {build} && deploy fetch-model --out hosts/{node}", markup=False)
     out.print(f"3. from {args.out}: docker stack deploy -c stack.yml {manifest['stack']}", markup=False)
     out.print(f"4. deploy cluster verify --inventory {args.inventory} --api-key-file {args.out}/api_tokens.yml",
               markup=False)
     out.print("without Swarm: hosts/<node>/ holds a compose bundle per host (docker compose up -d there)",
               markup=False)
+    status_console().print("note: updates start a new replica before stopping an old one (the last healthy replica "
+                           "never goes down), so each class needs one replica's GPUs free during an update; until "
+                           "they are, the new task waits as pending and the old one keeps serving", markup=False)
     return EXIT_OK
 
 
