@@ -300,12 +300,15 @@ def _closest_option(search: _Search, profile: ModelProfile, candidates: Sequence
             quant = next((q for q in candidates if search.fits(q, mode, required_tokens)), None)
             if quant is not None:
                 return message, f"{quant.branch} fits with --cache {mode.label}"
-    for quants, modes in tiers:
-        for quant in quants:
-            tokens = max(search.max_tokens(quant, modes[-1], split) for split in search.splits)
-            if tokens:
-                return message, (f"{quant.branch} fits with up to {tokens} tokens at cache {modes[-1].label}: "
-                                 f"try --context {tokens}")
+    # Less context: the lowest-KL quant that still reaches a useful context (the profile's default minimum),
+    # else the quant that reaches the most -- "2.10bpw-tuned fits with 1024 tokens" helps nobody.
+    useful = min(required, profile.serving.default_min_context)
+    options = [(quant, modes[-1], max(search.max_tokens(quant, modes[-1], split) for split in search.splits))
+               for quants, modes in tiers for quant in quants]
+    options = [option for option in options if option[2]]
+    if options:
+        quant, mode, tokens = next((o for o in options if o[2] >= useful), max(options, key=lambda o: o[2]))
+        return message, f"{quant.branch} fits with up to {tokens} tokens at cache {mode.label}: try --context {tokens}"
     if fixed_quant is not None:
         for quants, modes in _tiers(profile, sorted(profile.quants, key=lambda q: q.kl_ref_quant), fixed_mode):
             quant = next((q for q in quants if search.fits(q, modes[-1], required_tokens)), None)

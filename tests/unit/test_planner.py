@@ -236,6 +236,15 @@ def test_nothing_fits_names_the_context_that_would_fit_and_it_does() -> None:
     assert plan.quant in hint and plan.context == tokens
 
 
+def test_the_suggested_context_is_a_useful_one_when_any_quant_reaches_it() -> None:
+    # On 4x24GiB the lowest-KL quant that fits at all (2.10bpw-tuned) fits only ~1k tokens; a smaller quant
+    # reaches the profile's default minimum, and that is the option worth naming.
+    with pytest.raises(NoFit) as caught:
+        plan_for("4x24GiB", context_max=True)
+    tokens = int(caught.value.hint.rsplit("--context ", 1)[1])
+    assert tokens >= PROFILE.serving.default_min_context
+
+
 def test_nothing_fits_with_an_explicit_cache_names_the_cache_that_would() -> None:
     with pytest.raises(NoFit) as caught:
         plan_for("4x24GiB", cache="FP16", context=65_536)
