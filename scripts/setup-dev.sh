@@ -7,10 +7,10 @@ export DEBIAN_FRONTEND=noninteractive
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=""
-for tool in dockerd debootstrap git iptables; do command -v "$tool" >/dev/null || need_apt=1; done
+for tool in dockerd debootstrap git iptables ip nsenter; do command -v "$tool" >/dev/null || need_apt=1; done
 if [ -n "$need_apt" ]; then
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq docker.io debootstrap git iptables >/dev/null
+  $SUDO apt-get install -y -qq docker.io debootstrap git iptables iproute2 util-linux >/dev/null
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
