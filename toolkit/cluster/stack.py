@@ -49,7 +49,7 @@ SECRET_MODE = 0o600
 # /dev/shm as TabbyAPI's compose sizes it (Swarm has no shm_size; a tmpfs mount does the same).
 SHM_BYTES = 8 * 2**30
 NOFILE = 1048576
-STOP_GRACE_S = 60  # uvicorn finishes in-flight requests on SIGTERM
+STOP_GRACE_S = 300  # uvicorn finishes in-flight requests (long generations) on SIGTERM before it exits
 CLASS_FILES = ("Dockerfile", "ensure-pr295.sh", ".dockerignore", "config.yml", "plan.json")
 
 
@@ -90,21 +90,24 @@ def gateway_config(fleet_plan: FleetPlan) -> str:
         "defaults",
         "    mode http",
         "    log global",
-        "    timeout connect 5s",
+        "    # replicas sit on the same overlay network: a connect that takes 2 s goes to a dead replica",
+        "    timeout connect 2s",
         "    timeout http-request 60s",
         "    # generations (and streamed ones) can take many minutes",
         "    timeout client 3600s",
         "    timeout server 3600s",
         "    retries 3",
-        "    option redispatch",
+        "    option redispatch 1",
         "    retry-on conn-failure empty-response",
         "resolvers docker",
         "    nameserver dns 127.0.0.11:53",
         "    resolve_retries 3",
         "    timeout resolve 1s",
         "    timeout retry 1s",
-        "    hold valid 2s",
-        "    hold obsolete 2s",
+        "    # Swarm drops a stopping task from DNS, waits 2 s for gossip, then stops it: re-resolve every second and",
+        "    # drop a vanished address at once, so no new request reaches a replica that is about to stop",
+        "    hold valid 1s",
+        "    hold obsolete 0s",
         "    accepted_payload_size 8192",
         "frontend api",
         f"    bind :{CONTAINER_PORT}",
@@ -113,7 +116,9 @@ def gateway_config(fleet_plan: FleetPlan) -> str:
         "    balance leastconn",
         "    option httpchk GET /health",
         "    http-check expect status 200",
-        "    default-server check inter 2s fall 2 rise 1 resolvers docker init-addr none resolve-prefer ipv4",
+        "    # a replica that refuses or drops a connection is out at once, not after two failed checks",
+        ("    default-server check inter 2s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down "
+        "resolvers docker init-addr none resolve-prefer ipv4"),
     ]
     for index, node_class in enumerate(fleet_plan.classes):
         slots = max(4, 2 * node_class.replicas + 2)  # room for start-first updates
