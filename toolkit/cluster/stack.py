@@ -317,7 +317,7 @@ def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOption
     ours = (out_dir / MANIFEST).is_file()
     if out_dir.is_dir() and any(out_dir.iterdir()) and not ours and not options.force:
         raise BadInput(f"--out {out_dir} already holds other files", "choose an empty or new folder, or --force")
-    api_tokens = load_or_make_api_tokens(out_dir)
+    api_tokens = load_or_make_api_tokens(out_dir)  # the renderer's: a valid existing key file is kept
     files, manifest = stack_files(fleet_plan, out_dir, options, api_tokens)
     if not out_dir.exists():
         out_dir.parent.mkdir(parents=True, exist_ok=True)

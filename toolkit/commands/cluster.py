@@ -100,15 +100,13 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_render(args: argparse.Namespace) -> int:
     """Write the bundle and print the steps that follow (never the key)."""
     from ..cluster.fleet_plan import require_uniform
-    from ..cluster.stack import write_stack
+    from ..cluster.stack import StackOptions, write_stack
     from ..output import console, status_console
 
     fleet_plan = _fleet_plan(args)
     for warning in fleet_plan.warnings:
         status_console().print(f"warning: {warning}", markup=False)
     require_uniform(fleet_plan, args.allow_mixed)
-    from ..cluster.stack import StackOptions
-
     manifest = write_stack(fleet_plan, args.out, StackOptions(force=args.force))
     out = console()
     out.print(f"rendered {args.out}/stack.yml (stack {manifest['stack']}, endpoint port "
