@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 
-def write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write text to a temp file in the same folder, fsync, chmod, then rename over path."""
+def write_text(path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
+    """Write text to a temp file in the same folder (0600 from the start), fsync, chmod/chown, rename over path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -17,6 +17,8 @@ def write_text(path: Path, text: str, mode: int = 0o644) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -98,7 +98,7 @@ class Bundle:
     manifest_data: dict = field(default_factory=dict, compare=False)
 
 
-def _api_tokens(out_dir: Path) -> str:
+def load_or_make_api_tokens(out_dir: Path) -> str:
     """The existing key file's text when valid (re-rendering keeps the key), else new keys from `secrets`."""
     path = out_dir / API_TOKENS
     if path.is_file():
@@ -284,7 +284,7 @@ def render_bundle(plan: Plan, out_dir: Path | str, options: RenderOptions | None
     out_dir = Path(os.path.abspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} exists and is not a directory", "choose another --out")
-    api_tokens_text = _api_tokens(out_dir)
+    api_tokens_text = load_or_make_api_tokens(out_dir)
     files = render_files(plan, out_dir, options, api_tokens_text)
     manifest = json.loads(files[MANIFEST][0])
     changed = not (out_dir.is_dir() and _same_on_disk(out_dir, files))

@@ -34,9 +34,9 @@ from typing import Any
 import yaml
 
 from .. import __version__, safety
+from ..atomic import write_text
 from ..errors import BadInput
-from ..render import IMAGE_USER_ID, RenderOptions, render_files
-from ..render import _api_tokens as load_or_make_api_tokens
+from ..render import IMAGE_USER_ID, RenderOptions, load_or_make_api_tokens, render_files
 from .fleet_plan import CLASS_LABEL, FleetPlan, NodeClass
 
 CONTAINER_PORT = 5000
@@ -288,24 +288,6 @@ def _owner(files: dict[str, tuple[str, int]], name: str) -> tuple[int, int] | No
     return uid, gid
 
 
-def _write(path: Path, text: str, mode: int, owner: tuple[int, int] | None) -> None:
-    """Write beside the target (0600 from the start), fsync, chmod/chown, rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOptions | None = None) -> dict[str, Any]:
     """Render into out_dir: a new folder appears whole (staged, then renamed); an existing one of ours is
     updated file by file with cluster.json last, and folders of classes or hosts no longer in the fleet go.
@@ -324,7 +306,7 @@ def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOption
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.render-", dir=out_dir.parent))
         try:
             for name, (text, mode) in files.items():
-                _write(staging / name, text, mode, _owner(files, name))
+                write_text(staging / name, text, mode, _owner(files, name))
             os.chmod(staging, 0o755)
             os.rename(staging, out_dir)
         finally:
@@ -332,7 +314,7 @@ def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOption
                 shutil.rmtree(staging, ignore_errors=True)
         return manifest
     for name in sorted(files, key=lambda n: n == MANIFEST):
-        _write(out_dir / name, files[name][0], files[name][1], _owner(files, name))
+        write_text(out_dir / name, files[name][0], files[name][1], _owner(files, name))
     for group in ("classes", "hosts"):
         keep = {name.split("/")[1] for name in files if name.startswith(f"{group}/")}
         folder = out_dir / group
