@@ -31,6 +31,16 @@ def _compose_binary() -> str:
     return str(binary)
 
 
+def _compose_config(bundle) -> dict:
+    """What the real Compose v2 makes of a rendered bundle (`docker compose config`); fails on an invalid file."""
+    result = subprocess.run(
+        [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
+        cwd=bundle.out_dir, capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 PLANS = [(1, "single"), (1, "tp"), (2, "tp"), (2, "layer"), (4, "tp"), (4, "layer"), (8, "tp"), (8, "layer")]
 
 
@@ -42,15 +52,7 @@ def test_docker_compose_accepts_the_rendered_file(tmp_path: Path, gpus: int, spl
         tmp_path / "deploy",
         RenderOptions(serving=SERVING, run_as=(1000, 1000), models_dir="/srv/glm models"),
     )
-    result = subprocess.run(
-        [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
-        cwd=bundle.out_dir,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    service = json.loads(result.stdout)["services"]["tabbyapi"]
+    service = _compose_config(bundle)["services"]["tabbyapi"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "device_ids": plan.device_ids, "capabilities": ["gpu"]}]
     assert service["ports"] == [
@@ -82,15 +84,7 @@ def test_docker_compose_reads_user_changes_from_env(tmp_path: Path) -> None:
             gpu_reservation=False,
         ),
     )
-    result = subprocess.run(
-        [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
-        cwd=bundle.out_dir,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    service = json.loads(result.stdout)["services"]["tabbyapi"]
+    service = _compose_config(bundle)["services"]["tabbyapi"]
     assert (service["ports"][0]["host_ip"], service["ports"][0]["published"]) == ("::1", "8080")
     assert "deploy" not in service
 
