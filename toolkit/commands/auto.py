@@ -94,7 +94,7 @@ def _pipeline(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
         print_plan(plan, profile, inventory, request)
     if not args.yes:
         if args.json or not sys.stdin.isatty():
-            raise BadInput("deploy auto needs confirmation but there is no terminal to ask on",
+            raise BadInput("the plan needs confirmation but there is no terminal to ask on",
                            "review the plan (`deploy plan`) and pass --yes")
         answer = input(f"Deploy {plan.quant} with context {plan.context} into {args.out}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
