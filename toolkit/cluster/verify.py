@@ -155,17 +155,15 @@ def report_dict(report: ClusterReport) -> dict[str, Any]:
 
 def write_junit(report: ClusterReport, path: Path) -> None:
     """One JUnit document: a testsuite per target (the single-server report's), plus one for missing replicas."""
-    from ..verify.report import junit_xml
+    from ..verify.report import junit_document, junit_suite
 
     root = ET.Element("testsuites", name="deploy cluster verify")
     for target, single in report.targets:
-        for suite in ET.fromstring(junit_xml(single).split("?>", 1)[-1]).iter("testsuite"):
-            suite.set("name", f"deploy cluster verify {target.kind} {target.name}")
-            root.append(suite)
+        root.append(junit_suite(single, f"deploy cluster verify {target.kind} {target.name}"))
     suite = ET.SubElement(root, "testsuite", name="deploy cluster verify replicas", tests="1",
                           failures=str(int(bool(report.problems))), errors="0", skipped="0")
     case = ET.SubElement(suite, "testcase", classname="deploy.cluster", name="replicas")
     if report.problems:
         ET.SubElement(case, "failure", message="; ".join(report.problems), type="VerificationFailed").text = \
             "\n".join(report.problems)
-    write_text(path, ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n")
+    write_text(path, junit_document(root))

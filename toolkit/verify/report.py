@@ -33,14 +33,12 @@ def report_dict(report: VerifyReport) -> dict[str, Any]:
     }
 
 
-def junit_xml(report: VerifyReport) -> str:
-    """A JUnit XML document: one testsuite, one testcase per check (failure or skipped when not passed)."""
+def junit_suite(report: VerifyReport, name: str = "deploy verify") -> ET.Element:
+    """One JUnit testsuite element: a testcase per check (failure or skipped when not passed)."""
     failures = sum(1 for c in report.checks if not c.passed and not c.skipped)
     skipped = sum(1 for c in report.checks if c.skipped)
-    suites = ET.Element("testsuites")
-    suite = ET.SubElement(suites, "testsuite", name="deploy verify", tests=str(len(report.checks)),
-                          failures=str(failures), errors="0", skipped=str(skipped),
-                          time=f"{report.total_seconds:.3f}")
+    suite = ET.Element("testsuite", name=name, tests=str(len(report.checks)), failures=str(failures), errors="0",
+                       skipped=str(skipped), time=f"{report.total_seconds:.3f}")
     ET.SubElement(ET.SubElement(suite, "properties"), "property", name="url", value=report.url)
     for check in report.checks:
         case = ET.SubElement(suite, "testcase", classname="deploy.verify", name=check.name,
@@ -51,7 +49,19 @@ def junit_xml(report: VerifyReport) -> str:
             ET.SubElement(case, "failure", message=check.detail, type="VerificationFailed").text = check.detail
         else:
             ET.SubElement(case, "system-out").text = check.detail
+    return suite
+
+
+def junit_document(suites: ET.Element) -> str:
+    """Serialize a <testsuites> element as a JUnit XML document."""
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def junit_xml(report: VerifyReport) -> str:
+    """A JUnit XML document holding the report's one testsuite."""
+    suites = ET.Element("testsuites")
+    suites.append(junit_suite(report))
+    return junit_document(suites)
 
 
 def write_junit(report: VerifyReport, path: Path) -> None:
