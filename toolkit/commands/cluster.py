@@ -151,10 +151,10 @@ def run_verify(args: argparse.Namespace) -> int:
 
     from ..cluster.verify import report_dict, verify_cluster, write_junit
     from ..output import console, emit_json, status_console
-    from ..verify.client import read_api_key
+    from ..verify.client import check_url, read_api_key
 
-    if args.url is not None and not args.url.startswith(("http://", "https://")):
-        raise BadInput(f"--url {args.url!r} is not an http(s) URL", "e.g. --url http://10.0.0.5:5000")
+    if args.url is not None:
+        check_url(args.url, "http://10.0.0.5:5000")
     if not (math.isfinite(args.wait) and args.wait >= 0):
         raise BadInput(f"--wait must be a non-negative number of seconds, got {args.wait}")
     fleet_plan = _fleet_plan(args)

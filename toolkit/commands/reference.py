@@ -46,12 +46,11 @@ def run_record(args: argparse.Namespace) -> int:
     """Record from a live server; server problems are verification failures (exit 5)."""
     from ..errors import VerificationFailed
     from ..output import status_console
-    from ..verify.client import ServerError, TabbyClient, read_api_key
+    from ..verify.client import ServerError, TabbyClient, check_url, read_api_key
     from ..verify.reference import RECORD_TOP_K, load_prompts, record_reference, save_reference
 
     _check_out(args.out, args.top_k)
-    if not args.url.startswith(("http://", "https://")):
-        raise BadInput(f"--url {args.url!r} is not an http(s) URL", "e.g. --url http://127.0.0.1:5000")
+    check_url(args.url)
     prompts = load_prompts(args.prompts)
     api_key = read_api_key(args.api_key_file)
     client = TabbyClient(args.url, api_key)

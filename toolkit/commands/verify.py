@@ -38,8 +38,9 @@ def register(subparsers: Any) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if not args.url.startswith(("http://", "https://")):
-        raise BadInput(f"--url {args.url!r} is not an http(s) URL", "e.g. --url http://127.0.0.1:5000")
+    from ..verify.client import check_url
+
+    check_url(args.url)
     if args.max_kl is not None and not (math.isfinite(args.max_kl) and args.max_kl >= 0):
         raise BadInput(f"--max-kl must be a non-negative number, got {args.max_kl}")
     if args.prompts is not None and args.prompts < 1:

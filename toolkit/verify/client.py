@@ -35,6 +35,12 @@ class ServerError(Exception):
         self.body = body
 
 
+def check_url(url: str, example: str = "http://127.0.0.1:5000") -> None:
+    """Refuse a --url that is not http(s) before any request is sent (bad input, exit 2)."""
+    if not url.startswith(("http://", "https://")):
+        raise BadInput(f"--url {url!r} is not an http(s) URL", f"e.g. --url {example}")
+
+
 def read_api_key(path: str | None) -> str | None:
     """The key from a plain file, from TabbyAPI's api_tokens.yml (its api_key), or from $DEPLOY_API_KEY."""
     if path is None:
