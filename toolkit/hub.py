@@ -1,9 +1,10 @@
 """Model download from the Hugging Face hub (huggingface_hub): reuse, disk check, resume, integrity, token handling.
 
-Resume: huggingface_hub resumes a dropped connection inside one call with an HTTP Range request (at its 10 MiB
-read granularity, file_download.http_get); across interrupted runs it keeps every finished file (local-dir
-metadata records the commit), so a re-run fetches only the files that were not complete. Version 2.x discards
-a partial file when its process dies, so the unit of cross-run resume is one file (an EXL3 shard).
+Resume: huggingface_hub resumes a dropped connection inside one call with an HTTP Range request (against the
+storage host the hub redirects LFS files to, without the token); across interrupted runs it keeps every finished
+file (local-dir metadata records the commit), so a re-run fetches only the files that were not complete. Version
+2.x discards a partial file, so the unit of cross-run resume is one file (an EXL3 shard). Xet-backed files go
+through hf_xet when it is installed (HF_HUB_DISABLE_XET=1: plain HTTP). Details: docs/downloads.md.
 Integrity: after download every file's size, and every LFS file's sha256, is compared with what the hub reports;
 a completion marker (.glm-deploy-complete.json, with the commit sha) then lets later runs skip the network.
 """
@@ -259,8 +260,10 @@ def _hub_errors(repo: str, revision: str) -> Iterator[None]:
         raise EnvironmentMissing(f"the hub answered HTTP {status} for {where}",
                                  "retry later; run again to resume") from None
     except Exception as exc:
-        if not (isinstance(exc, OSError) or "httpx" in type(exc).__module__):
+        xet = type(exc) is RuntimeError  # how hf_xet reports a failed Xet transfer
+        if not (isinstance(exc, OSError) or xet or "httpx" in type(exc).__module__):
             raise
         first_line = (str(exc).splitlines() or [""])[0][:160]
+        xet_hint = " (or set HF_HUB_DISABLE_XET=1 to skip Xet storage)" if xet else ""
         raise EnvironmentMissing(f"download of {where} failed ({type(exc).__name__}: {first_line})",
-                                 "check the network (or HF_ENDPOINT); run again to resume") from None
+                                 f"check the network (or HF_ENDPOINT); run again to resume{xet_hint}") from None
