@@ -8,6 +8,8 @@ import pytest
 
 REQUIRE_DOCKER = os.environ.get("GLM_DEPLOY_REQUIRE_DOCKER") == "1"
 TEST_BASE_IMAGE = os.environ.get("GLM_DEPLOY_TEST_BASE", "glm-deploy-test-base:bookworm")
+# The base plus what test containers need beyond Python (haproxy), installed once by the set-up script.
+TEST_TOOLS_IMAGE = os.environ.get("GLM_DEPLOY_TEST_TOOLS", "glm-deploy-test-tools:bookworm")
 
 
 def _engine_problem() -> str | None:
@@ -43,3 +45,16 @@ def docker_client():
 def test_base_image(docker_client) -> str:
     """Name of the locally made base image (debootstrap + docker import)."""
     return TEST_BASE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def test_tools_image(docker_client) -> str:
+    """Name of the locally made tools image (base + haproxy), made once by scripts/make-test-base-image.sh."""
+    try:
+        docker_client.images.get(TEST_TOOLS_IMAGE)
+    except Exception:  # noqa: BLE001
+        problem = f"image {TEST_TOOLS_IMAGE} missing; run scripts/make-test-base-image.sh"
+        if REQUIRE_DOCKER:
+            pytest.fail(f"GLM_DEPLOY_REQUIRE_DOCKER=1 but {problem}")
+        pytest.skip(problem)
+    return TEST_TOOLS_IMAGE
