@@ -1,13 +1,17 @@
 """Wall time of `deploy plan --gpus 8x24GiB --json` as a whole process (interpreter start and imports included).
 
-Usage: python3 benchmarks/plan_speed.py [--runs N] [--gpus SPEC] [--command deploy]
+Usage: .venv/bin/python benchmarks/plan_speed.py [--runs N] [--gpus SPEC] [--command deploy] [--record DIR]
 Prints the median, min and max wall time of N runs (target: median below 0.5 s), and the median CPU time of the
-child (user + sys), which a busy machine disturbs less than wall time.
+child (user + sys), which a busy machine disturbs less than wall time; writes every run's times, the machine's
+load and the git commit as a raw JSON record into DIR (default benchmarks/plan_speed_records).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import resource
 import shlex
 import statistics
@@ -37,8 +41,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--gpus", default="8x24GiB")
-    parser.add_argument("--command", default=None, help="the entry point to time (default: python -m toolkit.cli)")
+    parser.add_argument(
+        "--command", default=None, help="the entry point to time (default: python -m toolkit.cli)"
+    )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=ROOT / "benchmarks" / "plan_speed_records",
+        help="folder for the raw JSON record",
+    )
     args = parser.parse_args()
+    load_before = os.getloadavg()
     prefix = shlex.split(args.command) if args.command else [sys.executable, "-m", "toolkit.cli"]
     command = [*prefix, "plan", "--gpus", args.gpus, "--json"]
     time_once(command)
@@ -46,9 +59,32 @@ def main() -> int:
     times = [wall for wall, _ in runs]
     median = statistics.median(times)
     cpu = statistics.median(cpu for _, cpu in runs)
-    print(f"{shlex.join(command)}: wall median {median:.3f} s, min {min(times):.3f} s, max {max(times):.3f} s, "
-          f"CPU median {cpu:.3f} s over {args.runs} runs "
-          f"(target < {TARGET_S} s: {'met' if median < TARGET_S else 'MISSED'})")
+    summary = (
+        f"{shlex.join(command)}: wall median {median:.3f} s, min {min(times):.3f} s, max {max(times):.3f} s, "
+        f"CPU median {cpu:.3f} s over {args.runs} runs "
+        f"(target < {TARGET_S} s: {'met' if median < TARGET_S else 'MISSED'})"
+    )
+    print(summary)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    record = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "timed": shlex.join(command),
+        "git_commit": commit.stdout.strip(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": [round(t, 4) for t in times],
+        "cpu_s": [round(c, 4) for _, c in runs],
+        "summary": summary,
+    }
+    args.record.mkdir(parents=True, exist_ok=True)
+    path = args.record / f"plan_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"record: {path}")
     return 0
 
 
