@@ -129,6 +129,13 @@ def test_readme_command_installs_and_runs_on_a_stock_system(box: Box) -> None:
     missing_venv = "python3 cannot make virtual environments -- run `sudo apt-get install python3-venv`"
     assert as_user.lines() == [f"install.sh: {missing_venv}, then this again"]
     assert box.run("test -e /home/tester/glm-deploy/.venv").code != 0
+    # The test set-up, likewise: one line naming what is missing and how to get it, nothing installed.
+    setup = box.run("scripts/setup-dev.sh", user="tester", workdir="/home/tester/glm-deploy")
+    assert setup.code == 4 and len(setup.lines()) == 1, setup
+    assert (
+        setup.lines()[0].startswith("setup-dev.sh: missing docker.io debootstrap ")
+        and "python3-venv" in setup.stderr
+    )
 
     # root: python3-venv from apt, the project into .venv, deploy onto the PATH; then `deploy auto` finds no GPU.
     box.put_project("/root/glm-deploy")
