@@ -37,7 +37,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--gpus", default="8x24GiB")
-    parser.add_argument("--command", default=None, help="the entry point to time (default: python -m toolkit.cli)")
+    parser.add_argument(
+        "--command", default=None, help="the entry point to time (default: python -m toolkit.cli)"
+    )
     args = parser.parse_args()
     prefix = shlex.split(args.command) if args.command else [sys.executable, "-m", "toolkit.cli"]
     command = [*prefix, "plan", "--gpus", args.gpus, "--json"]
@@ -46,9 +48,11 @@ def main() -> int:
     times = [wall for wall, _ in runs]
     median = statistics.median(times)
     cpu = statistics.median(cpu for _, cpu in runs)
-    print(f"{shlex.join(command)}: wall median {median:.3f} s, min {min(times):.3f} s, max {max(times):.3f} s, "
-          f"CPU median {cpu:.3f} s over {args.runs} runs "
-          f"(target < {TARGET_S} s: {'met' if median < TARGET_S else 'MISSED'})")
+    print(
+        f"{shlex.join(command)}: wall median {median:.3f} s, min {min(times):.3f} s, max {max(times):.3f} s, "
+        f"CPU median {cpu:.3f} s over {args.runs} runs "
+        f"(target < {TARGET_S} s: {'met' if median < TARGET_S else 'MISSED'})"
+    )
     return 0
 
 

@@ -52,8 +52,14 @@ def prerequisites_problem() -> str | None:
 
 def build_gateway_image(client: Any, tag: str, base: str) -> None:
     """HAProxy from Debian on the local base image (the stack's default haproxy image needs a registry)."""
-    client.images.build(fileobj=io.BytesIO(GATEWAY_DOCKERFILE.encode()), tag=tag, buildargs={"BASE": base},
-                        rm=True, forcerm=True, pull=False)
+    client.images.build(
+        fileobj=io.BytesIO(GATEWAY_DOCKERFILE.encode()),
+        tag=tag,
+        buildargs={"BASE": base},
+        rm=True,
+        forcerm=True,
+        pull=False,
+    )
 
 
 class SwarmEngine:
@@ -77,8 +83,14 @@ class SwarmEngine:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run the docker CLI against this engine."""
-        result = subprocess.run(["docker", "--host", self.docker_host, *args], capture_output=True, text=True,
-                                timeout=timeout, check=False, env={**os.environ, "DOCKER_HOST": self.docker_host})
+        result = subprocess.run(
+            ["docker", "--host", self.docker_host, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "DOCKER_HOST": self.docker_host},
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)} failed: {result.stderr.strip()[-2000:]}")
         return result
@@ -96,19 +108,41 @@ class SwarmEngine:
         _run("ip", "link", "add", self.node_veth, "type", "veth", "peer", "name", self.switch_veth)
         self.cluster.plug(self.switch_veth)
         _run("ip", "link", "set", self.node_veth, "netns", self.name)
-        _run("ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.address}/24", "dev", self.node_veth)
+        _run(
+            "ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.address}/24", "dev", self.node_veth
+        )
         _run("ip", "netns", "exec", self.name, "ip", "link", "set", self.node_veth, "up")
         _run("ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up")
         # Its own UTS namespace too: Swarm names nodes by host name, and two nodes must not share one.
-        command = ["nsenter", f"--net=/var/run/netns/{self.name}", "unshare", "--uts", "sh", "-c",
-                   'hostname "$0" && exec "$@"', self.name, "dockerd", "--host", self.docker_host,
-                   "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
-                   "--pidfile", str(self.root / "docker.pid")]
+        command = [
+            "nsenter",
+            f"--net=/var/run/netns/{self.name}",
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            self.name,
+            "dockerd",
+            "--host",
+            self.docker_host,
+            "--data-root",
+            str(self.root / "data"),
+            "--exec-root",
+            str(self.root / "exec"),
+            "--pidfile",
+            str(self.root / "docker.pid"),
+        ]
         for gpu_id in self.gpu_ids:
             command += ["--node-generic-resource", f"NVIDIA-GPU={gpu_id}"]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"})
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"},
+            )
         deadline = time.monotonic() + timeout_s
         while self.cli("version", check=False, timeout=10).returncode != 0:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -124,10 +158,19 @@ class SwarmEngine:
 
     def load_image(self, tag: str) -> None:
         """Copy an image from the shared engine into this one (docker save | docker load, streamed)."""
-        save = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE, env={
-            k: v for k, v in os.environ.items() if k != "DOCKER_HOST"})
-        load = subprocess.run(["docker", "--host", self.docker_host, "load", "--quiet"], stdin=save.stdout,
-                              capture_output=True, text=True, timeout=600, check=False)
+        save = subprocess.Popen(
+            ["docker", "save", tag],
+            stdout=subprocess.PIPE,
+            env={k: v for k, v in os.environ.items() if k != "DOCKER_HOST"},
+        )
+        load = subprocess.run(
+            ["docker", "--host", self.docker_host, "load", "--quiet"],
+            stdin=save.stdout,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert save.stdout is not None
         save.stdout.close()
         if save.wait(timeout=600) != 0 or load.returncode != 0:
@@ -148,8 +191,11 @@ class SwarmEngine:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=30)
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.root) + "/")]
+        mounts = [
+            line.split()[1]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(self.root) + "/")
+        ]
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True, check=False, timeout=30)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False, timeout=30)
@@ -198,17 +244,30 @@ class SwarmCluster:
         for node in self.nodes:
             node.start()
         manager = self.manager
-        manager.cli("swarm", "init", "--advertise-addr", manager.address, "--listen-addr", f"{manager.address}:2377")
+        manager.cli(
+            "swarm", "init", "--advertise-addr", manager.address, "--listen-addr", f"{manager.address}:2377"
+        )
         token = manager.cli("swarm", "join-token", "--quiet", "worker").stdout.strip()
         for node in self.nodes[1:]:
-            node.cli("swarm", "join", "--token", token, "--advertise-addr", node.address, "--listen-addr",
-                     f"{node.address}:2377", f"{manager.address}:2377")
+            node.cli(
+                "swarm",
+                "join",
+                "--token",
+                token,
+                "--advertise-addr",
+                node.address,
+                "--listen-addr",
+                f"{node.address}:2377",
+                f"{manager.address}:2377",
+            )
 
     @property
     def ipvs_available(self) -> bool:
         """The routing mesh works only with IPVS (the node logs this when it cannot get it)."""
-        return "ipvs is not enabled" not in self.manager.log_tail(10**7).lower() and \
-            Path("/proc/net/ip_vs").exists()
+        return (
+            "ipvs is not enabled" not in self.manager.log_tail(10**7).lower()
+            and Path("/proc/net/ip_vs").exists()
+        )
 
     def load_image(self, tag: str) -> None:
         """The image on every node (no registry: each engine gets its own copy)."""
@@ -219,6 +278,8 @@ class SwarmCluster:
         """Workers first, then the manager; then the switch (its veths die with it) and the data."""
         for node in reversed(self.nodes):
             node.stop()
-        subprocess.run(["ip", "link", "del", f"{self.ifprefix}h"], capture_output=True, check=False, timeout=30)
+        subprocess.run(
+            ["ip", "link", "del", f"{self.ifprefix}h"], capture_output=True, check=False, timeout=30
+        )
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True, check=False, timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)

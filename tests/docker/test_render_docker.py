@@ -18,8 +18,8 @@ import yaml
 
 from tests.unit.render_plans import SERVING, make_plan
 from tests.unit.tabby_fixture import build_tabby_fixture
-from toolkit.render import RenderOptions, render_bundle
-from toolkit.render_dockerfile import start_period_s
+from toolkit.render.bundle import RenderOptions, render_bundle
+from toolkit.render.dockerfile import start_period_s
 
 
 def _compose_binary() -> str:
@@ -35,7 +35,10 @@ def _compose_config(bundle) -> dict:
     """What the real Compose v2 makes of a rendered bundle (`docker compose config`); fails on an invalid file."""
     result = subprocess.run(
         [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
-        cwd=bundle.out_dir, capture_output=True, text=True, check=False,
+        cwd=bundle.out_dir,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

@@ -29,7 +29,7 @@ from toolkit.cli import main
 from toolkit.cluster.fleet import load_fleet
 from toolkit.cluster.fleet_plan import FleetPlan, plan_fleet
 from toolkit.cluster.stack import StackOptions, label_commands, write_stack
-from toolkit.profiles import load_profile
+from toolkit.facts.profiles import load_profile
 
 pytestmark = pytest.mark.docker
 
@@ -82,7 +82,9 @@ class Site:
         self.fleet_path.write_text(
             f"name: {STACK}\nmodels_dir: {self.models}\nendpoint: {{port: {PORT}}}\nnodes:\n"
             f"  - {{name: {manager.name}, gpus: 1x400GiB, replicas: 2}}\n"
-            f"  - {{name: {worker.name}, gpus: 2x200GiB}}\n{requirements}", encoding="utf-8")
+            f"  - {{name: {worker.name}, gpus: 2x200GiB}}\n{requirements}",
+            encoding="utf-8",
+        )
 
     def fleet_plan(self) -> FleetPlan:
         return plan_fleet(load_fleet(self.fleet_path), load_profile("glm-4.7"))
@@ -90,14 +92,24 @@ class Site:
     def render_and_deploy(self) -> None:
         """The user's path: plan, render, label the nodes with the printed commands, docker stack deploy."""
         fleet_plan = self.fleet_plan()
-        write_stack(fleet_plan, self.out, StackOptions(
-            image=self.images["tabby"], gateway_image=self.images["gateway"], health_interval_s=HEALTH_INTERVAL_S,
-            monitor_s=MONITOR_S, ulimits=False))
+        write_stack(
+            fleet_plan,
+            self.out,
+            StackOptions(
+                image=self.images["tabby"],
+                gateway_image=self.images["gateway"],
+                health_interval_s=HEALTH_INTERVAL_S,
+                monitor_s=MONITOR_S,
+                ulimits=False,
+            ),
+        )
         for quant in {c.plan.quant for c in fleet_plan.classes}:
             (self.models / quant).mkdir(parents=True, exist_ok=True)
         for command in label_commands(fleet_plan):
             self.manager.cli(*command.split()[1:])
-        self.manager.cli("stack", "deploy", "--resolve-image", "never", "-c", str(self.out / "stack.yml"), STACK)
+        self.manager.cli(
+            "stack", "deploy", "--resolve-image", "never", "-c", str(self.out / "stack.yml"), STACK
+        )
 
     @property
     def api_key(self) -> str:
@@ -108,8 +120,11 @@ class Site:
         return {f"{STACK}_{c.service}": c.replicas for c in self.fleet_plan().classes}
 
     def running_tasks(self, service: str) -> list[dict]:
-        return [t for t in self.client.api.tasks(filters={"service": service, "desired-state": "running"})
-                if t["Status"]["State"] == "running"]
+        return [
+            t
+            for t in self.client.api.tasks(filters={"service": service, "desired-state": "running"})
+            if t["Status"]["State"] == "running"
+        ]
 
     def node_name(self, node_id: str) -> str:
         return self.client.api.inspect_node(node_id)["Description"]["Hostname"]
@@ -120,9 +135,19 @@ class Site:
         return engine.client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
 
     def diagnose(self) -> str:
-        ps = self.manager.cli("service", "ps", "--no-trunc", "--format", "{{.Name}} {{.Node}} {{.CurrentState}} "
-                              "{{.Error}}", *self.services(), f"{STACK}_gateway", check=False)
-        return f"service ps:\n{ps.stdout}{ps.stderr}\nmanager dockerd log tail:\n{self.manager.log_tail(2000)}"
+        ps = self.manager.cli(
+            "service",
+            "ps",
+            "--no-trunc",
+            "--format",
+            "{{.Name}} {{.Node}} {{.CurrentState}} {{.Error}}",
+            *self.services(),
+            f"{STACK}_gateway",
+            check=False,
+        )
+        return (
+            f"service ps:\n{ps.stdout}{ps.stderr}\nmanager dockerd log tail:\n{self.manager.log_tail(2000)}"
+        )
 
     def model(self) -> httpx.Response | None:
         try:
@@ -136,17 +161,35 @@ class Site:
             if len(self.running_tasks(service)) != replicas:
                 return False
             if (self.client.api.inspect_service(service).get("UpdateStatus") or {}).get("State") not in (
-                    None, "completed"):
+                None,
+                "completed",
+            ):
                 return False
         response = self.model()
-        return response is not None and response.status_code == 200 and \
-            response.json()["parameters"]["max_seq_len"] == context
+        return (
+            response is not None
+            and response.status_code == 200
+            and response.json()["parameters"]["max_seq_len"] == context
+        )
 
     def cluster_verify(self, monkeypatch, capsys) -> dict:
         """`deploy cluster verify --json` through the CLI, with DOCKER_HOST at the Swarm manager."""
         monkeypatch.setenv("DOCKER_HOST", self.manager.docker_host)
-        code = main(["cluster", "verify", "--inventory", str(self.fleet_path), "--url", self.endpoint,
-                     "--api-key-file", str(self.out / "api_tokens.yml"), "--json", "--wait", "30"])
+        code = main(
+            [
+                "cluster",
+                "verify",
+                "--inventory",
+                str(self.fleet_path),
+                "--url",
+                self.endpoint,
+                "--api-key-file",
+                str(self.out / "api_tokens.yml"),
+                "--json",
+                "--wait",
+                "30",
+            ]
+        )
         data = json.loads(capsys.readouterr().out)
         assert code == (0 if data["passed"] else 5)
         return data
@@ -186,8 +229,11 @@ def site(docker_client, test_base_image, tmp_path_factory):
 
 
 def _gpu_claims(task: dict) -> list[str]:
-    return [r["NamedResourceSpec"]["Value"] for r in task.get("GenericResources") or []
-            if r["NamedResourceSpec"]["Kind"] == "NVIDIA-GPU"]
+    return [
+        r["NamedResourceSpec"]["Value"]
+        for r in task.get("GenericResources") or []
+        if r["NamedResourceSpec"]["Kind"] == "NVIDIA-GPU"
+    ]
 
 
 def test_classes_land_on_their_nodes_with_their_gpus_and_cluster_verify_passes(site, monkeypatch, capsys):
@@ -251,9 +297,22 @@ def test_cluster_verify_fails_while_a_class_is_short_of_replicas(site, monkeypat
 
 def _claim(site: Site, gpus: int) -> str:
     name = f"glmdt-claim{gpus}-{secrets.token_hex(3)}"
-    site.manager.cli("service", "create", "--detach", "--name", name, "--generic-resource", f"NVIDIA-GPU={gpus}",
-                     "--constraint", f"node.hostname=={site.manager.name}", "--restart-condition", "none",
-                     site.images["tabby"], "--host", "127.0.0.1")
+    site.manager.cli(
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        name,
+        "--generic-resource",
+        f"NVIDIA-GPU={gpus}",
+        "--constraint",
+        f"node.hostname=={site.manager.name}",
+        "--restart-condition",
+        "none",
+        site.images["tabby"],
+        "--host",
+        "127.0.0.1",
+    )
     return name
 
 
@@ -261,23 +320,38 @@ def test_generic_resource_claims_place_or_refuse_services(site):
     # The stack holds 2 of the manager's 3 GPUs: a claim of 2 there cannot be placed, a claim of 1 can.
     too_many, fits = _claim(site, 2), _claim(site, 1)
     try:
+
         def state(name: str) -> tuple[str, str]:
             tasks = site.client.api.tasks(filters={"service": name})
             return (tasks[0]["Status"]["State"], tasks[0]["Status"].get("Err", "")) if tasks else ("", "")
 
         _wait(lambda: state(fits)[0] == "running", 60, "the 1-GPU claim to run", site.diagnose)
-        _wait(lambda: "insufficient resources" in state(too_many)[1], 60, "the 2-GPU claim to be refused",
-              site.diagnose)
+        _wait(
+            lambda: "insufficient resources" in state(too_many)[1],
+            60,
+            "the 2-GPU claim to be refused",
+            site.diagnose,
+        )
         time.sleep(3)
         assert state(too_many)[0] == "pending"
         (claimed,) = _gpu_claims(site.client.api.tasks(filters={"service": fits})[0])
-        stack_gpus = {g for t in site.running_tasks(f"{STACK}_{site.fleet_plan().classes[0].service}")
-                      for g in _gpu_claims(t)}
+        stack_gpus = {
+            g
+            for t in site.running_tasks(f"{STACK}_{site.fleet_plan().classes[0].service}")
+            for g in _gpu_claims(t)
+        }
         assert claimed in set(MANAGER_GPUS) - stack_gpus
     finally:
         site.manager.cli("service", "rm", too_many, fits, check=False)
-    _wait(lambda: not site.manager.client().containers.list(
-        filters={"label": f"com.docker.swarm.service.name={fits}"}), 60, "the claim's container to go")
+    _wait(
+        lambda: (
+            not site.manager.client().containers.list(
+                filters={"label": f"com.docker.swarm.service.name={fits}"}
+            )
+        ),
+        60,
+        "the claim's container to go",
+    )
 
 
 def test_a_plan_change_rolls_out_without_a_failed_request(site, monkeypatch, capsys):
@@ -293,8 +367,10 @@ def test_a_plan_change_rolls_out_without_a_failed_request(site, monkeypatch, cap
                     response = client.get(f"{site.endpoint}/v1/model")
                     if response.status_code == 200:
                         results["contexts"].add(response.json()["parameters"]["max_seq_len"])
-                        response = client.post(f"{site.endpoint}/v1/completions", json={
-                            "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0})
+                        response = client.post(
+                            f"{site.endpoint}/v1/completions",
+                            json={"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0},
+                        )
                     if response.status_code == 200:
                         results["ok"] += 1
                     else:
@@ -318,11 +394,15 @@ def test_a_plan_change_rolls_out_without_a_failed_request(site, monkeypatch, cap
         poller.join(timeout=30)
     new_tasks = {t["ID"] for service in site.services() for t in site.running_tasks(service)}
     assert not old_tasks & new_tasks, "every replica was replaced"
-    assert results["failed"] == [], f"{len(results['failed'])} failed of {results['ok']}: {results['failed'][:5]}"
+    assert results["failed"] == [], (
+        f"{len(results['failed'])} failed of {results['ok']}: {results['failed'][:5]}"
+    )
     assert results["ok"] > 50 and results["contexts"] == {FULL_CONTEXT, 65536}
     seconds = time.monotonic() - started
     data = site.cluster_verify(monkeypatch, capsys)
     assert data["passed"], json.dumps(data, indent=1)[:3000]
     assert {t["report"]["model"]["max_seq_len"] for t in data["targets"]} == {65536}
-    print(f"\nrolling update of {len(old_tasks)} replicas: {results['ok']} probe+completion pairs, 0 failed, "
-          f"{seconds:.0f} s")
+    print(
+        f"\nrolling update of {len(old_tasks)} replicas: {results['ok']} probe+completion pairs, 0 failed, "
+        f"{seconds:.0f} s"
+    )

@@ -131,7 +131,11 @@ class FakeHub:
 
     def gets(self, path: str) -> list[RequestRecord]:
         """The GET requests for one file's content."""
-        return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + path) and "/resolve/" in r.path]
+        return [
+            r
+            for r in self.requests
+            if r.method == "GET" and r.path.endswith("/" + path) and "/resolve/" in r.path
+        ]
 
     def start(self) -> FakeHub:
         for repo in self.repos.values():
@@ -210,8 +214,13 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             commit, files = found
             if kind == "revision":
-                body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                        "siblings": [f.sibling_json() for f in files.values()]}
+                body = {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit,
+                    "private": False,
+                    "siblings": [f.sibling_json() for f in files.values()],
+                }
             else:
                 body = [f.tree_json() for f in files.values()]
             data = json.dumps(body).encode()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from toolkit.inventory import Gpu, GpuInventory
-from toolkit.plan import Expected, GpuAllocation, Plan, Rejection
-from toolkit.profiles import Serving
+from toolkit.detect.inventory import Gpu, GpuInventory
+from toolkit.facts.profiles import Serving
+from toolkit.plan.plan import Expected, GpuAllocation, Plan, Rejection
 
 SERVING = Serving(
     chunk_size=2048,

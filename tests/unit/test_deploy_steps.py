@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import engine
-from toolkit.commands.lifecycle import endpoint_summary, load_deployment, smaller_context
+from toolkit.deploy import compose_spec
+from toolkit.deploy.deployment import endpoint_summary, load_deployment
+from toolkit.deploy.preflight import check_driver, check_port
+from toolkit.deploy.readiness import Expectation, check_model, ready_timeout_s
+from toolkit.deploy.retry import smaller_context
+from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.errors import BadInput, EnvironmentMissing
-from toolkit.gpu_spec import parse_gpu_spec
-from toolkit.plan import PlanRequest
-from toolkit.planner import make_plan
-from toolkit.preflight import check_driver, check_port
-from toolkit.profiles import load_profile
-from toolkit.readiness import Expectation, check_model, ready_timeout_s
-from toolkit.render import RenderOptions, render_bundle
+from toolkit.facts.profiles import load_profile
+from toolkit.plan.plan import PlanRequest
+from toolkit.plan.planner import make_plan
+from toolkit.render.bundle import RenderOptions, render_bundle
 
 
 @pytest.fixture()
@@ -28,24 +29,27 @@ def rendered(tmp_path: Path) -> Path:
 
 def test_rendered_compose_becomes_the_run_spec(rendered: Path, tmp_path: Path) -> None:
     dep = load_deployment(rendered)
-    spec = engine.spec_from_compose(rendered / "compose.yaml", name="glm-deploy-x")
+    spec = compose_spec.spec_from_compose(rendered / "compose.yaml", name="glm-deploy-x")
     assert spec.image == dep.manifest["image"] and spec.name == "glm-deploy-x"
     assert spec.gpu_device_ids == tuple(dep.plan.device_ids) and len(spec.gpu_device_ids) >= 1
     assert spec.ports == {"5000/tcp": ("127.0.0.1", 5123)}
     assert set(spec.mounts) == {
-        engine.Mount(str(tmp_path / "models" / "3bpw_H6"), "/app/models/3bpw_H6", True),
-        engine.Mount(str(rendered / "config.yml"), "/app/config.yml", True),
-        engine.Mount(str(rendered / "api_tokens.yml"), "/app/api_tokens.yml", True),
+        compose_spec.Mount(str(tmp_path / "models" / "3bpw_H6"), "/app/models/3bpw_H6", True),
+        compose_spec.Mount(str(rendered / "config.yml"), "/app/config.yml", True),
+        compose_spec.Mount(str(rendered / "api_tokens.yml"), "/app/api_tokens.yml", True),
     }
     assert spec.restart == "unless-stopped" and spec.shm_size == "8gb" and spec.init
     assert ("memlock", -1, -1) in spec.ulimits
-    assert spec.healthcheck and spec.healthcheck["start_period"] == dep.manifest["healthcheck_start_period_s"] * 10**9
-    cpu = engine.spec_from_compose(rendered / "compose.yaml", name="glm-deploy-x", gpu=False)
+    assert (
+        spec.healthcheck
+        and spec.healthcheck["start_period"] == dep.manifest["healthcheck_start_period_s"] * 10**9
+    )
+    cpu = compose_spec.spec_from_compose(rendered / "compose.yaml", name="glm-deploy-x", gpu=False)
     assert cpu.gpu_device_ids is None and cpu.ulimits == ()
 
 
 def test_config_hash_follows_the_mounted_config(rendered: Path) -> None:
-    spec = engine.spec_from_compose(rendered / "compose.yaml", name="n")
+    spec = compose_spec.spec_from_compose(rendered / "compose.yaml", name="n")
     before = spec.config_sha256("sha256:abc")
     assert spec.config_sha256("sha256:abc") == before and spec.config_sha256("sha256:def") != before
     config = rendered / "config.yml"
@@ -57,34 +61,51 @@ def test_compose_variables_follow_compose_rules(tmp_path: Path, monkeypatch: pyt
     (tmp_path / ".env").write_text("PORT='6000'\nEMPTY=\n")
     (tmp_path / "compose.yaml").write_text(
         "services:\n  s:\n    image: img:${TAG:-latest}\n    command: echo $$HOME ${EMPTY:-fallback}\n"
-        "    ports: ['${PORT}:5000']\n    volumes: ['./data:/data:ro', '/abs:/abs']\n")
+        "    ports: ['${PORT}:5000']\n    volumes: ['./data:/data:ro', '/abs:/abs']\n"
+    )
     monkeypatch.delenv("PORT", raising=False)
-    spec = engine.spec_from_compose(tmp_path / "compose.yaml", name="n", gpu=False)
+    spec = compose_spec.spec_from_compose(tmp_path / "compose.yaml", name="n", gpu=False)
     assert spec.image == "img:latest" and spec.command == ("echo", "$HOME", "fallback")
     assert spec.ports == {"5000/tcp": ("127.0.0.1", 6000)}  # no host address: loopback, not every interface
-    assert spec.mounts == (engine.Mount(str(tmp_path / "data"), "/data", True), engine.Mount("/abs", "/abs", False))
+    assert spec.mounts == (
+        compose_spec.Mount(str(tmp_path / "data"), "/data", True),
+        compose_spec.Mount("/abs", "/abs", False),
+    )
     monkeypatch.setenv("PORT", "7000")  # the shell wins over .env, as in compose
-    assert engine.spec_from_compose(tmp_path / "compose.yaml", name="n").ports == {"5000/tcp": ("127.0.0.1", 7000)}
+    assert compose_spec.spec_from_compose(tmp_path / "compose.yaml", name="n").ports == {
+        "5000/tcp": ("127.0.0.1", 7000)
+    }
     (tmp_path / "compose.yaml").write_text("services:\n  s:\n    image: ${NEEDED:?set NEEDED}\n")
     with pytest.raises(BadInput, match="NEEDED"):
-        engine.spec_from_compose(tmp_path / "compose.yaml", name="n")
+        compose_spec.spec_from_compose(tmp_path / "compose.yaml", name="n")
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("127.0.0.1:5000:5000", ("5000/tcp", ("127.0.0.1", 5000))),
-    ("0.0.0.0:8080:5000/tcp", ("5000/tcp", ("0.0.0.0", 8080))),
-    ("5000", ("5000/tcp", ("127.0.0.1", 5000))),
-    ({"target": 5000, "published": "5001", "host_ip": "::1"}, ("5000/tcp", ("::1", 5001))),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:5000:5000", ("5000/tcp", ("127.0.0.1", 5000))),
+        ("0.0.0.0:8080:5000/tcp", ("5000/tcp", ("0.0.0.0", 8080))),
+        ("5000", ("5000/tcp", ("127.0.0.1", 5000))),
+        ({"target": 5000, "published": "5001", "host_ip": "::1"}, ("5000/tcp", ("::1", 5001))),
+    ],
+)
 def test_port_forms(value: object, expected: tuple) -> None:
-    assert engine._port(value) == expected
+    assert compose_spec._port(value) == expected
 
 
-@pytest.mark.parametrize(("context", "minimum", "expected"), [
-    (65536, 32768, 32768), (40000, 32768, 32768), (32768, 32768, None), (100000, 1024, 49920), (131072, 1024, 65536),
-])
-def test_retry_context_halves_to_pages_but_not_below_the_minimum(context: int, minimum: int,
-                                                                   expected: int | None) -> None:
+@pytest.mark.parametrize(
+    ("context", "minimum", "expected"),
+    [
+        (65536, 32768, 32768),
+        (40000, 32768, 32768),
+        (32768, 32768, None),
+        (100000, 1024, 49920),
+        (131072, 1024, 65536),
+    ],
+)
+def test_retry_context_halves_to_pages_but_not_below_the_minimum(
+    context: int, minimum: int, expected: int | None
+) -> None:
     assert smaller_context(context, minimum) == expected
 
 

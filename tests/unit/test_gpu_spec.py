@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.errors import BadInput
-from toolkit.gpu_spec import GPU_TABLE, load_gpu_table, parse_gpu_spec, parse_gpu_table
+from toolkit.facts.gpu_cards import GPU_TABLE, load_gpu_table, parse_gpu_table
 
 
 def totals(spec: str) -> list[int]:
@@ -36,13 +37,16 @@ def test_mib_is_taken_verbatim() -> None:
     assert totals("97887MiB") == [97887]
 
 
-@pytest.mark.parametrize(("spec", "mib"), [
-    ("24GB", 24 * 10**9 // 2**20),      # decimal gigabytes: 22888 MiB, not 24576
-    ("1000MB", 10**9 // 2**20),
-    ("1.5GiB", 1536),
-    ("0.5gib", 512),
-    ("23.99GiB", int(23.99 * 1024)),
-])
+@pytest.mark.parametrize(
+    ("spec", "mib"),
+    [
+        ("24GB", 24 * 10**9 // 2**20),  # decimal gigabytes: 22888 MiB, not 24576
+        ("1000MB", 10**9 // 2**20),
+        ("1.5GiB", 1536),
+        ("0.5gib", 512),
+        ("23.99GiB", int(23.99 * 1024)),
+    ],
+)
 def test_units_are_exact(spec: str, mib: int) -> None:
     assert totals(spec) == [mib]
 
@@ -60,20 +64,23 @@ def test_cards_from_the_facts_have_their_nvml_totals() -> None:
     assert totals("RTX4090") == [24576]
 
 
-@pytest.mark.parametrize(("spec", "fragment"), [
-    ("", "empty"),
-    ("8x", "names no GPU"),
-    ("24", "no unit"),
-    ("8x24", "no unit"),
-    ("24G", "unknown unit"),
-    ("24TB", "unknown unit"),
-    ("8xRTX9999", "unknown GPU"),
-    ("0x24GiB", "asks for 0 GPUs"),
-    ("65x24GiB", "asks for 65 GPUs"),
-    ("40x24GiB,30x24GiB", "asks for 70 GPUs"),
-    ("0GiB", "plausible"),
-    ("24GiB,,24GiB", "empty"),
-])
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("", "empty"),
+        ("8x", "names no GPU"),
+        ("24", "no unit"),
+        ("8x24", "no unit"),
+        ("24G", "unknown unit"),
+        ("24TB", "unknown unit"),
+        ("8xRTX9999", "unknown GPU"),
+        ("0x24GiB", "asks for 0 GPUs"),
+        ("65x24GiB", "asks for 65 GPUs"),
+        ("40x24GiB,30x24GiB", "asks for 70 GPUs"),
+        ("0GiB", "plausible"),
+        ("24GiB,,24GiB", "empty"),
+    ],
+)
 def test_bad_specs_are_one_line_bad_input(spec: str, fragment: str) -> None:
     with pytest.raises(BadInput) as caught:
         parse_gpu_spec(spec)
@@ -88,13 +95,16 @@ def test_unknown_card_error_lists_known_cards() -> None:
     assert "RTX5090" in caught.value.hint and "24GiB" in caught.value.hint
 
 
-@pytest.mark.parametrize(("data", "field"), [
-    ({"gpus": {}}, "gpus"),
-    ({"cards": {"A": 1}}, "gpus"),
-    ({"gpus": {"RTX4090": "24GiB"}}, "gpus.RTX4090"),
-    ({"gpus": {"RTX4090": -1}}, "gpus.RTX4090"),
-    ({"gpus": {"RTX4090": True}}, "gpus.RTX4090"),
-])
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"gpus": {}}, "gpus"),
+        ({"cards": {"A": 1}}, "gpus"),
+        ({"gpus": {"RTX4090": "24GiB"}}, "gpus.RTX4090"),
+        ({"gpus": {"RTX4090": -1}}, "gpus.RTX4090"),
+        ({"gpus": {"RTX4090": True}}, "gpus.RTX4090"),
+    ],
+)
 def test_malformed_gpu_table_names_file_and_field(data: object, field: str) -> None:
     with pytest.raises(BadInput) as caught:
         parse_gpu_table(data, Path("/x/gpus.yaml"))

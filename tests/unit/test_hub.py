@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_hf_hub import FakeHub, FakeRepo
-from toolkit import hub as hubmod
+from toolkit.deploy import hub as hubmod
 from toolkit.errors import BadInput, EnvironmentMissing
 
 REPO = "mratsim/GLM-4.7-EXL3"
@@ -44,8 +44,10 @@ def _same_tree(source: Path, target: Path) -> None:
 
 @pytest.fixture()
 def quants(tmp_path: Path) -> dict[str, Path]:
-    return {"3.84bpw-tuned": _quant_folder(tmp_path, "a", [3 * MIB, 24 * MIB], seed=3),
-            "main": _quant_folder(tmp_path, "b", [1 * MIB], seed=9)}
+    return {
+        "3.84bpw-tuned": _quant_folder(tmp_path, "a", [3 * MIB, 24 * MIB], seed=3),
+        "main": _quant_folder(tmp_path, "b", [1 * MIB], seed=9),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -56,14 +58,18 @@ def _no_ambient_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored"))
 
 
-def test_branch_revision_download_verifies_and_marks_complete(tmp_path: Path, quants: dict[str, Path]) -> None:
+def test_branch_revision_download_verifies_and_marks_complete(
+    tmp_path: Path, quants: dict[str, Path]
+) -> None:
     models = tmp_path / "models"
     with FakeHub([FakeRepo(REPO, quants)]) as hub:
         result = hubmod.fetch_model(REPO, "3.84bpw-tuned", models, None, endpoint=hub.url, progress=False)
         commit = hub.repos[REPO].commit("3.84bpw-tuned")
     target = models / "3.84bpw-tuned"
     assert result.path == str(target) and result.commit == commit and not result.reused
-    assert result.files == 4 and result.total_bytes == sum(p.stat().st_size for p in quants["3.84bpw-tuned"].iterdir())
+    assert result.files == 4 and result.total_bytes == sum(
+        p.stat().st_size for p in quants["3.84bpw-tuned"].iterdir()
+    )
     _same_tree(quants["3.84bpw-tuned"], target)  # the branch's content, not main's
     assert hubmod.read_marker(target, REPO, "3.84bpw-tuned")["commit"] == commit
 
@@ -82,10 +88,14 @@ def test_damaged_file_is_fetched_again_and_only_it(tmp_path: Path, quants: dict[
     with FakeHub([FakeRepo(REPO, quants)]) as hub:
         hubmod.fetch_model(REPO, "3.84bpw-tuned", models, None, endpoint=hub.url, progress=False)
         shard = models / "3.84bpw-tuned" / "model-00001-of-00002.safetensors"
-        shard.write_bytes(shard.read_bytes()[: MIB])  # truncated, e.g. by a full disk
+        shard.write_bytes(shard.read_bytes()[:MIB])  # truncated, e.g. by a full disk
         before = len(hub.requests)
         result = hubmod.fetch_model(REPO, "3.84bpw-tuned", models, None, endpoint=hub.url, progress=False)
-        fetched = {r.path.rsplit("/", 1)[-1] for r in hub.requests[before:] if r.method == "GET" and "/resolve/" in r.path}
+        fetched = {
+            r.path.rsplit("/", 1)[-1]
+            for r in hub.requests[before:]
+            if r.method == "GET" and "/resolve/" in r.path
+        }
     assert not result.reused and fetched == {shard.name}
     _same_tree(quants["3.84bpw-tuned"], models / "3.84bpw-tuned")
 
@@ -101,18 +111,27 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path: Path, quants:
     assert _sha(tmp_path / "models" / "3.84bpw-tuned" / big) == _sha(quants["3.84bpw-tuned"] / big)
 
 
-def test_interrupted_run_resumes_without_refetching_finished_files(tmp_path: Path, quants: dict[str, Path]) -> None:
+def test_interrupted_run_resumes_without_refetching_finished_files(
+    tmp_path: Path, quants: dict[str, Path]
+) -> None:
     """A fetch killed mid-file (through HF_ENDPOINT, as a user would run it); the next run completes it."""
     big, small = "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"
     models = tmp_path / "models"
     target = models / "3.84bpw-tuned"
     with FakeHub([FakeRepo(REPO, quants)]) as hub:
         release = hub.stall(big, after_bytes=12 * MIB)
-        code = ("import sys; from pathlib import Path; from toolkit.hub import fetch_model; "
-                f"fetch_model({REPO!r}, '3.84bpw-tuned', Path(sys.argv[1]), None, progress=False)")
+        code = (
+            "import sys; from pathlib import Path; from toolkit.deploy.hub import fetch_model; "
+            f"fetch_model({REPO!r}, '3.84bpw-tuned', Path(sys.argv[1]), None, progress=False)"
+        )
         env = {**os.environ, "HF_ENDPOINT": hub.url, "PYTHONPATH": str(ROOT), "HF_TOKEN": ""}
-        proc = subprocess.Popen([sys.executable, "-c", code, str(models)], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(models)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 60
             while not ((target / small).is_file() and hub.gets(big)) and time.monotonic() < deadline:
@@ -134,20 +153,25 @@ def test_interrupted_run_resumes_without_refetching_finished_files(tmp_path: Pat
 
 
 def test_token_from_env_or_file_reaches_the_hub_and_is_never_shown(
-        tmp_path: Path, quants: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, quants: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = "hf_test_secret_token_0123456789"
     with FakeHub([FakeRepo(REPO, quants)], token=secret) as hub:
         with pytest.raises(EnvironmentMissing) as refused:
-            hubmod.fetch_model(REPO, "main", tmp_path / "m0", hubmod.resolve_token(), endpoint=hub.url,
-                               progress=False)
+            hubmod.fetch_model(
+                REPO, "main", tmp_path / "m0", hubmod.resolve_token(), endpoint=hub.url, progress=False
+            )
         assert "HF_TOKEN" in refused.value.line() and secret not in refused.value.line()
 
         token_file = tmp_path / "token"
         token_file.write_text(secret + "\n")
-        hubmod.fetch_model(REPO, "main", tmp_path / "m1", hubmod.resolve_token(token_file), endpoint=hub.url,
-                           progress=False)
+        hubmod.fetch_model(
+            REPO, "main", tmp_path / "m1", hubmod.resolve_token(token_file), endpoint=hub.url, progress=False
+        )
         monkeypatch.setenv("HF_TOKEN", secret)
-        hubmod.fetch_model(REPO, "main", tmp_path / "m2", hubmod.resolve_token(), endpoint=hub.url, progress=False)
+        hubmod.fetch_model(
+            REPO, "main", tmp_path / "m2", hubmod.resolve_token(), endpoint=hub.url, progress=False
+        )
         assert all(r.authorized for r in hub.requests if r.method == "GET" and "/resolve/" in r.path)
     for folder in ("m1", "m2"):
         stored = b"".join(p.read_bytes() for p in (tmp_path / folder).rglob("*") if p.is_file())
@@ -167,7 +191,9 @@ def test_unknown_branch_is_bad_input(tmp_path: Path, quants: dict[str, Path]) ->
 
 def test_unreachable_hub_is_environment_missing(tmp_path: Path) -> None:
     with pytest.raises(EnvironmentMissing) as error:
-        hubmod.fetch_model(REPO, "main", tmp_path / "models", None, endpoint="http://127.0.0.1:9", progress=False)
+        hubmod.fetch_model(
+            REPO, "main", tmp_path / "models", None, endpoint="http://127.0.0.1:9", progress=False
+        )
     assert error.value.exit_code == 4
 
 

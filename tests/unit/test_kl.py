@@ -46,8 +46,9 @@ def test_estimate_never_exceeds_full_vocabulary_kl(k, colliding):
     for noise in (0.05, 0.3, 1.0, 3.0):
         for _ in range(20):
             ref, served = _pair(rng, noise)
-            estimate = position_kl(truncated_side(ref, pieces, k, counts), truncated_side(served, pieces, k, counts),
-                                   counts)
+            estimate = position_kl(
+                truncated_side(ref, pieces, k, counts), truncated_side(served, pieces, k, counts), counts
+            )
             assert estimate <= full_kl(ref, served) + 1e-9
 
 
@@ -58,7 +59,9 @@ def test_estimate_converges_to_full_kl_as_k_grows():
     exact = np.mean([full_kl(r, s) for r, s in pairs])
     gaps = []
     for k in (5, 20, 50, 150, VOCAB):
-        estimate = np.mean([position_kl(truncated_side(r, pieces, k), truncated_side(s, pieces, k)) for r, s in pairs])
+        estimate = np.mean(
+            [position_kl(truncated_side(r, pieces, k), truncated_side(s, pieces, k)) for r, s in pairs]
+        )
         gaps.append(exact - estimate)
     assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(gaps)), gaps
     assert gaps[0] > 0.01 * exact
@@ -79,11 +82,14 @@ def test_identical_distributions_give_zero_even_with_collisions_collapsed_like_t
 
 def test_colliding_entries_are_summed_and_exact_only_when_all_ids_are_reported():
     counts = {"\ufffd": 3}
-    side = side_from_entries([("a", math.log(0.5)), ("\ufffd", math.log(0.2)), ("\ufffd", math.log(0.1))], counts)
+    side = side_from_entries(
+        [("a", math.log(0.5)), ("\ufffd", math.log(0.2)), ("\ufffd", math.log(0.1))], counts
+    )
     assert side.probs["\ufffd"] == pytest.approx(0.3)
     assert "\ufffd" not in side.exact and "a" in side.exact
-    complete = side_from_entries([("\ufffd", math.log(0.2)), ("\ufffd", math.log(0.1)), ("\ufffd", math.log(0.05))],
-                                 counts)
+    complete = side_from_entries(
+        [("\ufffd", math.log(0.2)), ("\ufffd", math.log(0.1)), ("\ufffd", math.log(0.05))], counts
+    )
     assert complete.probs["\ufffd"] == pytest.approx(0.35) and "\ufffd" in complete.exact
 
 
@@ -97,7 +103,9 @@ def test_merged_colliding_bucket_matches_exact_coarse_grained_kl():
     def entries(probs: np.ndarray) -> list[tuple[str, float]]:
         return [(pieces[i], math.log(probs[i])) for i in np.argsort(-probs)]
 
-    estimate = position_kl(side_from_entries(entries(p), counts), side_from_entries(entries(q), counts), counts)
+    estimate = position_kl(
+        side_from_entries(entries(p), counts), side_from_entries(entries(q), counts), counts
+    )
     buckets_p, buckets_q = np.array([0.4, 0.3, 0.3]), np.array([0.3, 0.4, 0.3])
     assert estimate == pytest.approx(float(np.sum(buckets_p * np.log(buckets_p / buckets_q))))
 
@@ -135,8 +143,11 @@ def test_water_filling_is_the_minimum_over_feasible_served_distributions():
         if q_unknown.sum() > free - q_rest:
             continue
         q_other = free - q_unknown.sum()
-        value = (np.sum(p_known * np.log(p_known / q_known)) + np.sum(p_unknown * np.log(p_unknown / q_unknown))
-                 + p_other * math.log(p_other / q_other))
+        value = (
+            np.sum(p_known * np.log(p_known / q_known))
+            + np.sum(p_unknown * np.log(p_unknown / q_unknown))
+            + p_other * math.log(p_other / q_other)
+        )
         assert value >= estimate - 1e-9
 
 

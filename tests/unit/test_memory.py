@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toolkit import memory
 from toolkit.errors import BadInput
-from toolkit.memory import FP16, GIB, MIB, CacheMode
-from toolkit.profiles import load_profile
+from toolkit.facts.profiles import load_profile
+from toolkit.plan import memory
+from toolkit.plan.memory import FP16, GIB, MIB, CacheMode
 
 PROFILE = load_profile("glm-4.7")
 ARCH = PROFILE.architecture
@@ -28,8 +28,16 @@ def test_quantized_cache_bytes_per_token(k: int, v: int) -> None:
     assert memory.cache_bytes_per_token(ARCH, CacheMode(k, v)) == 11_776 * (k + v + 1)
 
 
-@pytest.mark.parametrize(("mode", "gib"), [(FP16, 71.2), (CacheMode(8, 8), 37.8), (CacheMode(6, 5), 26.7),
-                                           (CacheMode(5, 4), 22.2), (CacheMode(4, 4), 20.0)])
+@pytest.mark.parametrize(
+    ("mode", "gib"),
+    [
+        (FP16, 71.2),
+        (CacheMode(8, 8), 37.8),
+        (CacheMode(6, 5), 26.7),
+        (CacheMode(5, 4), 22.2),
+        (CacheMode(4, 4), 20.0),
+    ],
+)
 def test_full_context_cache_sizes_match_the_facts(mode: CacheMode, gib: float) -> None:
     assert round(memory.cache_bytes(ARCH, mode, 202_752) / GIB, 1) == gib
 
@@ -51,16 +59,18 @@ def test_weights_reproduce_the_card_sizes(quant) -> None:
 def test_block_decomposition_adds_up_to_the_weights(quant) -> None:
     blocks = memory.layer_weights(ARCH, quant)
     assert len(blocks) == ARCH.num_hidden_layers
-    total = sum(b.attention_bytes + b.mlp_bytes + b.shared_bytes for b in blocks) + memory.head_bytes(ARCH, quant)
+    total = sum(b.attention_bytes + b.mlp_bytes + b.shared_bytes for b in blocks) + memory.head_bytes(
+        ARCH, quant
+    )
     assert abs(total - memory.weights_bytes(ARCH, quant)) < 1024
 
 
 def test_routed_experts_dominate_as_on_the_card() -> None:
     blocks = memory.layer_weights(ARCH, PROFILE.quant("4bpw_H6"))
-    routed = sum(b.mlp_bytes for b in blocks[ARCH.first_k_dense_replace:])
+    routed = sum(b.mlp_bytes for b in blocks[ARCH.first_k_dense_replace :])
     attention = sum(b.attention_bytes for b in blocks)
     linear = sum(b.attention_bytes + b.mlp_bytes + b.shared_bytes for b in blocks)
-    assert round(routed / linear, 3) == pytest.approx(0.956, abs=0.002)   # 95.2 % of all weights incl. head
+    assert round(routed / linear, 3) == pytest.approx(0.956, abs=0.002)  # 95.2 % of all weights incl. head
     assert round(attention / linear, 3) == pytest.approx(0.036, abs=0.001)
 
 
@@ -70,8 +80,19 @@ def test_cache_size_is_the_next_multiple_of_256(context: int) -> None:
     assert size % 256 == 0 and context <= size < context + 256
 
 
-@pytest.mark.parametrize(("text", "label"), [("FP16", "FP16"), ("fp16", "FP16"), ("Q4", "4,4"), ("q6", "6,6"),
-                                             ("Q8", "8,8"), ("6,5", "6,5"), (" 5, 4 ", "5,4"), ("4,6", "4,6")])
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("FP16", "FP16"),
+        ("fp16", "FP16"),
+        ("Q4", "4,4"),
+        ("q6", "6,6"),
+        ("Q8", "8,8"),
+        ("6,5", "6,5"),
+        (" 5, 4 ", "5,4"),
+        ("4,6", "4,6"),
+    ],
+)
 def test_cache_modes_are_parsed_into_tabbyapi_spelling(text: str, label: str) -> None:
     assert memory.parse_cache_mode(text).label == label
 
@@ -89,9 +110,16 @@ def test_bad_cache_modes_are_bad_input(text: str) -> None:
 
 
 def test_overhead_terms_each_apply_where_they_belong() -> None:
-    terms = dataclasses.replace(PROFILE.memory_overhead, base_mib=500, resident_mib=30, chunk_mib_per_token=0.25,
-                                quant_cache_staging_mib=100, output_gpu_mib=40, tensor_parallel_mib=7,
-                                layer_spill_mib=900)
+    terms = dataclasses.replace(
+        PROFILE.memory_overhead,
+        base_mib=500,
+        resident_mib=30,
+        chunk_mib_per_token=0.25,
+        quant_cache_staging_mib=100,
+        output_gpu_mib=40,
+        tensor_parallel_mib=7,
+        layer_spill_mib=900,
+    )
     profile = dataclasses.replace(PROFILE, memory_overhead=terms)
     assert memory.overhead_mib(profile, FP16, 2048, holds_output=False) == 530 + 512
     assert memory.overhead_mib(profile, CacheMode(6, 5), 2048, holds_output=False) == 530 + 512 + 100
@@ -153,16 +181,19 @@ def test_tensor_parallel_evens_out_uneven_head_counts_over_the_layers(gpus: int)
     quant = PROFILE.quant("3bpw_H6")
     placement = memory.place_tensor_parallel(PROFILE, quant, CacheMode(5, 4), 32_768, [60_000] * gpus, CHUNK)
     totals = [load.weights_mib + load.cache_mib for load in placement.loads]
-    per_head_layer = (memory.layer_weights(ARCH, quant)[-1].attention_bytes
-                      + memory.cache_bytes(ARCH, CacheMode(5, 4), 32_768, layers=1)) / ARCH.num_key_value_heads
+    per_head_layer = (
+        memory.layer_weights(ARCH, quant)[-1].attention_bytes
+        + memory.cache_bytes(ARCH, CacheMode(5, 4), 32_768, layers=1)
+    ) / ARCH.num_key_value_heads
     assert max(totals) - min(totals) <= 2 * per_head_layer / MIB + 2
     caches = [load.cache_mib for load in placement.loads]
     assert max(caches) > min(caches)  # the KV heads themselves do not divide evenly
 
 
 def test_tensor_parallel_splits_by_free_memory_on_mixed_gpus() -> None:
-    placement = memory.place_tensor_parallel(PROFILE, PROFILE.quant("2bpw_H6"), CacheMode(5, 4), 32_768,
-                                             [24_000, 24_000, 48_000], CHUNK)
+    placement = memory.place_tensor_parallel(
+        PROFILE, PROFILE.quant("2bpw_H6"), CacheMode(5, 4), 32_768, [24_000, 24_000, 48_000], CHUNK
+    )
     _check_fits(placement)
     small, _, large = (load.weights_mib for load in placement.loads)
     assert 1.8 < large / small < 2.2
@@ -183,17 +214,24 @@ def test_layer_split_fills_gpus_in_order_and_puts_the_head_last() -> None:
     _check_fits(placement)
     assert [load.index for load in placement.loads] == list(range(len(placement.loads)))
     block = memory.layer_weights(ARCH, quant)[-1]
-    block_mib = (block.attention_bytes + block.mlp_bytes + block.shared_bytes
-                 + memory.cache_bytes(ARCH, mode, 65_536, layers=1)) / MIB
+    block_mib = (
+        block.attention_bytes
+        + block.mlp_bytes
+        + block.shared_bytes
+        + memory.cache_bytes(ARCH, mode, 65_536, layers=1)
+    ) / MIB
     for load in placement.loads[:-1]:
         assert load.free_after_mib < block_mib  # a GPU is only left when the next block does not fit
-    head_extra = (memory.overhead_mib(PROFILE, mode, CHUNK, True, split="layer")
-                  - memory.overhead_mib(PROFILE, mode, CHUNK, False, split="layer"))
+    head_extra = memory.overhead_mib(PROFILE, mode, CHUNK, True, split="layer") - memory.overhead_mib(
+        PROFILE, mode, CHUNK, False, split="layer"
+    )
     assert placement.loads[-1].overhead_mib == placement.loads[0].overhead_mib + head_extra
 
 
 def test_layer_split_uses_only_the_gpus_it_needs() -> None:
-    placement = memory.place_layers(PROFILE, PROFILE.quant("2bpw_H6"), CacheMode(5, 4), 4096, [143_000] * 3, CHUNK)
+    placement = memory.place_layers(
+        PROFILE, PROFILE.quant("2bpw_H6"), CacheMode(5, 4), 4096, [143_000] * 3, CHUNK
+    )
     _check_fits(placement)
     assert len(placement.loads) == 1
 
@@ -220,12 +258,18 @@ def test_layer_split_charges_the_spill_on_every_gpu_but_the_last() -> None:
     _check_fits(placement)
     inner, last = _layer_overheads(mode)
     terms = PROFILE.memory_overhead
-    assert last == math.ceil(terms.base_mib + terms.resident_mib + terms.chunk_mib_per_token * CHUNK
-                             + terms.quant_cache_staging_mib + terms.output_gpu_mib)
+    assert last == math.ceil(
+        terms.base_mib
+        + terms.resident_mib
+        + terms.chunk_mib_per_token * CHUNK
+        + terms.quant_cache_staging_mib
+        + terms.output_gpu_mib
+    )
     assert [load.overhead_mib for load in placement.loads] == [inner] * (len(placement.loads) - 1) + [last]
     assert placement.loads[-1].usable_mib == memory.layer_split_usable_mib(40_000, PROFILE, last=True)
-    assert all(load.usable_mib == memory.layer_split_usable_mib(40_000, PROFILE)
-               for load in placement.loads[:-1])
+    assert all(
+        load.usable_mib == memory.layer_split_usable_mib(40_000, PROFILE) for load in placement.loads[:-1]
+    )
 
 
 @given(st.integers(min_value=20_000, max_value=60_000))
@@ -245,7 +289,9 @@ def test_the_last_gpu_is_filled_to_its_usable_memory_less_the_no_spill_overhead(
     placement = memory.place_layers(PROFILE, quant, mode, tokens, [first_mib, low], CHUNK)
     *_, final = placement.loads
     assert final.index == 1 and final.overhead_mib == last
-    assert 0 <= low - (final.weights_mib + final.cache_mib + last) <= 11  # gpu_split rounds down by < 0.01 GiB
+    assert (
+        0 <= low - (final.weights_mib + final.cache_mib + last) <= 11
+    )  # gpu_split rounds down by < 0.01 GiB
 
 
 def test_a_gpu_that_takes_every_remaining_module_is_the_last_one() -> None:

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolkit import memory
+from toolkit.detect.gpu_spec import parse_gpu_spec
+from toolkit.detect.inventory import Gpu, GpuInventory
 from toolkit.errors import BadInput, NoFit
-from toolkit.gpu_spec import parse_gpu_spec
-from toolkit.inventory import Gpu, GpuInventory
-from toolkit.plan import Plan, PlanRequest
-from toolkit.planner import CACHE_FLOOR, CACHE_LADDER, _Search, make_plan
-from toolkit.profiles import load_profile
+from toolkit.facts.profiles import load_profile
+from toolkit.plan import memory
+from toolkit.plan.plan import Plan, PlanRequest
+from toolkit.plan.planner import CACHE_FLOOR, CACHE_LADDER, _Search, make_plan
 
 PROFILE = load_profile("glm-4.7")
 MAX_CONTEXT = PROFILE.architecture.max_position_embeddings
@@ -56,6 +56,7 @@ def assert_within_usable(plan: Plan) -> None:
 
 # --- the objective -----------------------------------------------------------------------------------------------
 
+
 def test_best_quant_that_fits_wins_and_every_better_one_is_short() -> None:
     plan = plan_for("8x24GiB")
     assert plan.context >= PROFILE.serving.default_min_context
@@ -70,7 +71,11 @@ def test_best_quant_that_fits_wins_and_every_better_one_is_short() -> None:
 def test_expected_quality_is_the_kl_from_fp16_to_the_quant() -> None:
     plan = plan_for("2xH200")
     quant = PROFILE.quant(plan.quant)
-    assert (plan.expected.kl, plan.expected.top1, plan.expected.ppl) == (quant.kl_ref_quant, quant.top1, quant.ppl)
+    assert (plan.expected.kl, plan.expected.top1, plan.expected.ppl) == (
+        quant.kl_ref_quant,
+        quant.top1,
+        quant.ppl,
+    )
 
 
 def test_without_a_context_request_the_context_is_the_maximum_that_fits() -> None:
@@ -101,6 +106,7 @@ def test_fixed_quant_maximizes_context() -> None:
 
 
 # --- the cache rule ------------------------------------------------------------------------------------------------
+
 
 def test_auto_cache_takes_fp16_only_when_it_reaches_the_full_context() -> None:
     roomy = plan_for("8xH200")
@@ -135,7 +141,7 @@ def test_below_the_floor_only_the_smallest_quant_gives_up_cache_bits() -> None:
     tokens = memory.cache_size_tokens(112_640)
     assert not any(search.fits(q, CACHE_FLOOR, tokens) for q in PROFILE.quants)
     smallest = min(PROFILE.quants, key=lambda q: memory.weights_bytes(PROFILE.architecture, q))
-    below = CACHE_LADDER[CACHE_LADDER.index(CACHE_FLOOR) + 1:]
+    below = CACHE_LADDER[CACHE_LADDER.index(CACHE_FLOOR) + 1 :]
     assert plan.quant == smallest.branch
     assert mode_of(plan) == next(mode for mode in below if search.fits(smallest, mode, tokens))
     assert search.fits(PROFILE.quant("2.10bpw-tuned"), memory.CacheMode(2, 2), tokens)
@@ -147,6 +153,7 @@ def test_explicit_cache_mode_is_honoured() -> None:
 
 
 # --- the split rule -----------------------------------------------------------------------------------------------
+
 
 def test_one_gpu_is_single_without_gpu_split() -> None:
     plan = plan_for("1xH200")
@@ -172,8 +179,9 @@ def test_each_gpu_split_entry_caps_what_torch_holds_on_that_gpu(spec: str) -> No
         outside = terms.base_mib + (terms.output_gpu_mib if last else terms.layer_spill_mib)
         assert budget == memory.layer_split_gib(a.usable_mib, PROFILE, last=last)
         assert a.weights_mib + a.cache_mib + a.overhead_mib - outside <= budget * 1024
-        assert a.overhead_mib == memory.overhead_mib(PROFILE, mode_of(plan), plan.chunk_size, holds_output=last,
-                                                     split="layer")
+        assert a.overhead_mib == memory.overhead_mib(
+            PROFILE, mode_of(plan), plan.chunk_size, holds_output=last, split="layer"
+        )
 
 
 def test_tensor_parallel_has_no_gpu_split_and_uses_every_gpu() -> None:
@@ -203,6 +211,7 @@ def test_more_gpus_than_kv_heads_fall_back_to_layer_split() -> None:
 
 # --- headroom ------------------------------------------------------------------------------------------------------
 
+
 def test_default_headroom_is_taken_off_free_memory() -> None:
     plan = plan_for("2xH200")
     assert all(a.usable_mib == a.total_mib - memory.default_headroom_mib(a.total_mib) for a in plan.per_gpu)
@@ -217,14 +226,16 @@ def test_headroom_override_applies_to_every_gpu() -> None:
 
 
 def test_detected_gpus_are_planned_on_free_memory() -> None:
-    busy = GpuInventory(gpus=(Gpu(index=3, name="H200", total_mib=143_771, free_mib=100_000, used_mib=43_771),),
-                        source="nvml")
+    busy = GpuInventory(
+        gpus=(Gpu(index=3, name="H200", total_mib=143_771, free_mib=100_000, used_mib=43_771),), source="nvml"
+    )
     plan = make_plan(PROFILE, busy, PlanRequest())
     assert plan.per_gpu[0].index == 3
     assert plan.per_gpu[0].usable_mib == 100_000 - 1438
 
 
 # --- failures ------------------------------------------------------------------------------------------------------
+
 
 def test_nothing_fits_names_the_context_that_would_fit_and_it_does() -> None:
     with pytest.raises(NoFit) as caught:
@@ -266,14 +277,17 @@ def test_nothing_fits_on_a_small_gpu_says_how_much_is_missing() -> None:
     assert "2bpw_H6" in caught.value.hint and "needs" in caught.value.hint
 
 
-@pytest.mark.parametrize(("request_args", "fragment"), [
-    ({"context": MAX_CONTEXT + 1}, "maximum"),
-    ({"context": 0}, "positive"),
-    ({"quant": "9bpw"}, "unknown quant"),
-    ({"cache": "k5v4"}, "5,4"),
-    ({"split": "pipeline"}, "unknown split"),
-    ({"headroom_mib": -1}, "negative"),
-])
+@pytest.mark.parametrize(
+    ("request_args", "fragment"),
+    [
+        ({"context": MAX_CONTEXT + 1}, "maximum"),
+        ({"context": 0}, "positive"),
+        ({"quant": "9bpw"}, "unknown quant"),
+        ({"cache": "k5v4"}, "5,4"),
+        ({"split": "pipeline"}, "unknown split"),
+        ({"headroom_mib": -1}, "negative"),
+    ],
+)
 def test_bad_requests_are_bad_input(request_args: dict[str, object], fragment: str) -> None:
     with pytest.raises(BadInput) as caught:
         plan_for("8x24GiB", **request_args)
@@ -311,7 +325,9 @@ def test_more_memory_never_yields_a_worse_quant(count: int, size: int, extra: in
 
 
 @PROPERTY
-@given(sizes=st.lists(gpu_sizes, min_size=2, max_size=4), which=st.integers(0, 3), extra=st.integers(1, 40_000))
+@given(
+    sizes=st.lists(gpu_sizes, min_size=2, max_size=4), which=st.integers(0, 3), extra=st.integers(1, 40_000)
+)
 def test_more_memory_on_one_gpu_never_yields_a_worse_quant(sizes: list[int], which: int, extra: int) -> None:
     grown = list(sizes)
     grown[which % len(sizes)] += extra
@@ -322,7 +338,9 @@ def test_more_memory_on_one_gpu_never_yields_a_worse_quant(sizes: list[int], whi
 
 @PROPERTY
 @given(sizes=st.lists(gpu_sizes, min_size=1, max_size=8), short=contexts, longer=st.integers(0, MAX_CONTEXT))
-def test_a_larger_required_context_never_yields_a_better_quant(sizes: list[int], short: int, longer: int) -> None:
+def test_a_larger_required_context_never_yields_a_better_quant(
+    sizes: list[int], short: int, longer: int
+) -> None:
     long = min(MAX_CONTEXT, short + longer)
     with_short, with_long = quant_or_none(sizes, context=short), quant_or_none(sizes, context=long)
     if with_long is not None:
@@ -330,13 +348,19 @@ def test_a_larger_required_context_never_yields_a_better_quant(sizes: list[int],
 
 
 @PROPERTY
-@given(sizes=st.lists(gpu_sizes, min_size=1, max_size=8), context=st.one_of(st.none(), contexts),
-       cache=st.sampled_from(["auto", "FP16", "8,8", "6,5", "5,4", "4,4", "2,2"]),
-       split=st.sampled_from(["auto", "tp", "layer"]), headroom=st.one_of(st.none(), st.integers(0, 4096)))
-def test_no_plan_overfills_a_gpu_and_cache_is_whole_pages(sizes: list[int], context: int | None, cache: str,
-                                                         split: str, headroom: int | None) -> None:
-    request = PlanRequest(context=context, cache=cache, split=split if len(sizes) > 1 else "auto",
-                          headroom_mib=headroom)
+@given(
+    sizes=st.lists(gpu_sizes, min_size=1, max_size=8),
+    context=st.one_of(st.none(), contexts),
+    cache=st.sampled_from(["auto", "FP16", "8,8", "6,5", "5,4", "4,4", "2,2"]),
+    split=st.sampled_from(["auto", "tp", "layer"]),
+    headroom=st.one_of(st.none(), st.integers(0, 4096)),
+)
+def test_no_plan_overfills_a_gpu_and_cache_is_whole_pages(
+    sizes: list[int], context: int | None, cache: str, split: str, headroom: int | None
+) -> None:
+    request = PlanRequest(
+        context=context, cache=cache, split=split if len(sizes) > 1 else "auto", headroom_mib=headroom
+    )
     try:
         plan = make_plan(PROFILE, inventory_of(sizes), request)
     except NoFit:

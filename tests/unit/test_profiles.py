@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from toolkit.errors import BadInput
-from toolkit.paths import PROFILES_DIR
-from toolkit.profiles import load_profile, parse_profile
+from toolkit.facts.paths import PROFILES_DIR
+from toolkit.facts.profiles import load_profile, parse_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = PROFILES_DIR / "glm-4.7.yaml"
@@ -35,6 +35,7 @@ def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return mutate
 
 
@@ -44,6 +45,7 @@ def _drop(path: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
         for key in path[:-1]:
             target = target[key]
         del target[path[-1]]
+
     return mutate
 
 
@@ -82,8 +84,14 @@ def test_malformed_profile_on_the_command_line_is_exit_2(tmp_path: Path) -> None
     data = copy.deepcopy(RAW)
     data["memory_overhead"]["base_mib"] = "a lot"
     path = _write(tmp_path, data)
-    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "plan", "--profile", str(path), "--gpus",
-                             "8x24GiB"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "plan", "--profile", str(path), "--gpus", "8x24GiB"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "memory_overhead.base_mib" in lines[0]

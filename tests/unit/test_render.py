@@ -16,12 +16,12 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from tests.unit.render_plans import SERVING, make_plan
-from toolkit import render as render_module
 from toolkit.cli import main
 from toolkit.errors import BadInput, EnvironmentMissing
-from toolkit.render import RenderOptions, render_bundle, tabby_config
-from toolkit.render_dockerfile import DEFAULT_ARCH_LIST, arch_list, dockerfile_sha256, start_period_s
-from toolkit.tabby_ref import choose_cuda, load_tabby_pin
+from toolkit.facts.tabby_pin import choose_cuda, load_tabby_pin
+from toolkit.render import bundle as render_module
+from toolkit.render.bundle import RenderOptions, render_bundle, tabby_config
+from toolkit.render.dockerfile import DEFAULT_ARCH_LIST, arch_list, dockerfile_sha256, start_period_s
 
 PIN = load_tabby_pin()
 OPTIONS = RenderOptions(serving=SERVING, run_as=(1000, 1000), models_dir="/srv/models")
@@ -440,7 +440,7 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path, capsys, argv, c
 
 
 def test_cli_plans_from_options_with_the_planner(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("toolkit.planner", reason="the planner (issue 2) has not landed")
+    pytest.importorskip("toolkit.plan.planner", reason="the planner (issue 2) has not landed")
     out = tmp_path / "out"
     assert main(["render", "--gpus", "2xH200", "--context", "65536", "--out", str(out), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)["manifest"]

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from tests.unit.render_plans import SERVING, make_plan
 from toolkit.errors import ToolkitError
-from toolkit.render import RenderOptions, render_files
-from toolkit.render_dockerfile import dockerfile_sha256
-from toolkit.tabby_ref import load_tabby_pin
+from toolkit.facts.tabby_pin import load_tabby_pin
+from toolkit.render.bundle import RenderOptions, render_files
+from toolkit.render.dockerfile import dockerfile_sha256
 
 PIN = load_tabby_pin()
 TOKENS = "api_key: 00000000000000000000000000000000\nadmin_key: 11111111111111111111111111111111\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.render_plans import SERVING, make_plan
-from toolkit.render import API_TOKENS, RenderOptions, render_files
+from toolkit.render.bundle import API_TOKENS, RenderOptions, render_files
 
 GOLDEN = Path(__file__).with_name("golden")
 UPDATE = os.environ.get("GLM_DEPLOY_UPDATE_GOLDEN") == "1"

@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.render_plans import SERVING, make_plan
 from tests.unit.tabby_fixture import TabbyFixture, build_tabby_fixture, clean_git_env, git
-from toolkit.render import RenderOptions, render_bundle
+from toolkit.render.bundle import RenderOptions, render_bundle
 
 
 @pytest.fixture(scope="module")

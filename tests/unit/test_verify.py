@@ -32,8 +32,11 @@ def servers(tmp_path_factory) -> Iterator[dict[str, testing.RunningServer]]:
     """One test server per weight width; model ids carry the width like real quant folders do."""
     running = {}
     for name in ("tiny", "tiny-8bpw", "tiny-6bpw", "tiny-4bpw", "tiny-3bpw"):
-        running[name] = testing.start(tmp_path_factory.mktemp(name), api_key=KEY,
-                                      model={"model_name": name, "cache_mode": "5,4", "reasoning": True})
+        running[name] = testing.start(
+            tmp_path_factory.mktemp(name),
+            api_key=KEY,
+            model={"model_name": name, "cache_mode": "5,4", "reasoning": True},
+        )
     yield running
     for server in running.values():
         server.stop()
@@ -56,8 +59,17 @@ def _verify(capsys, *args: str) -> tuple[int, dict]:
 def test_kl_ranks_bit_widths_and_full_precision_matches_exactly(servers, reference_file, key_file, capsys):
     means = {}
     for name in ("tiny", "tiny-8bpw", "tiny-6bpw", "tiny-4bpw", "tiny-3bpw"):
-        code, report = _verify(capsys, "--url", servers[name].url, "--api-key-file", str(key_file),
-                               "--reference", str(reference_file), "--max-kl", "10")
+        code, report = _verify(
+            capsys,
+            "--url",
+            servers[name].url,
+            "--api-key-file",
+            str(key_file),
+            "--reference",
+            str(reference_file),
+            "--max-kl",
+            "10",
+        )
         assert code == 0, report
         means[name] = report["kl"]
     assert means["tiny"]["mean"] == pytest.approx(0.0, abs=1e-12)
@@ -68,8 +80,19 @@ def test_kl_ranks_bit_widths_and_full_precision_matches_exactly(servers, referen
 
 
 def test_json_shape(servers, reference_file, key_file, capsys):
-    code, report = _verify(capsys, "--url", servers["tiny-6bpw"].url, "--api-key-file", str(key_file),
-                           "--reference", str(reference_file), "--max-kl", "0.05", "--expect-model", "tiny-6bpw")
+    code, report = _verify(
+        capsys,
+        "--url",
+        servers["tiny-6bpw"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(reference_file),
+        "--max-kl",
+        "0.05",
+        "--expect-model",
+        "tiny-6bpw",
+    )
     assert code == 0
     assert report["passed"] is True
     assert [c["name"] for c in report["checks"]] == ["liveness", "readiness", "function", "tokenizer", "kl"]
@@ -83,8 +106,17 @@ def test_json_shape(servers, reference_file, key_file, capsys):
 
 
 def test_fails_with_exit_5_when_mean_exceeds_max_kl(servers, reference_file, key_file, capsys):
-    code, report = _verify(capsys, "--url", servers["tiny-4bpw"].url, "--api-key-file", str(key_file),
-                           "--reference", str(reference_file), "--max-kl", "0.05")
+    code, report = _verify(
+        capsys,
+        "--url",
+        servers["tiny-4bpw"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(reference_file),
+        "--max-kl",
+        "0.05",
+    )
     assert code == 5
     kl_check = next(c for c in report["checks"] if c["name"] == "kl")
     assert not kl_check["passed"] and "threshold 0.05" in kl_check["detail"]
@@ -92,7 +124,14 @@ def test_fails_with_exit_5_when_mean_exceeds_max_kl(servers, reference_file, key
 
 def test_profile_threshold_for_the_expected_quant(servers, reference_file, key_file, capsys):
     """No --max-kl: GLM-4.7's measured KL for 4bpw_H6 (0.1358) x 1.5 passes the 4-bit model, not the 3-bit one."""
-    common = ["--api-key-file", str(key_file), "--reference", str(reference_file), "--expect-quant", "4bpw_H6"]
+    common = [
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(reference_file),
+        "--expect-quant",
+        "4bpw_H6",
+    ]
     assert _verify(capsys, "--url", servers["tiny-4bpw"].url, *common)[0] == 0
     code, report = _verify(capsys, "--url", servers["tiny-3bpw"].url, *common)
     assert code == 5
@@ -101,20 +140,60 @@ def test_profile_threshold_for_the_expected_quant(servers, reference_file, key_f
 
 def test_regression_against_a_recorded_deployment(servers, key_file, tmp_path, capsys):
     recorded = tmp_path / "recorded.json"
-    assert main(["reference", "record", "--url", servers["tiny-6bpw"].url, "--api-key-file", str(key_file),
-                 "--out", str(recorded), "--top-k", "64"]) == 0
-    code, same = _verify(capsys, "--url", servers["tiny-6bpw"].url, "--api-key-file", str(key_file),
-                         "--reference", str(recorded))
+    assert (
+        main(
+            [
+                "reference",
+                "record",
+                "--url",
+                servers["tiny-6bpw"].url,
+                "--api-key-file",
+                str(key_file),
+                "--out",
+                str(recorded),
+                "--top-k",
+                "64",
+            ]
+        )
+        == 0
+    )
+    code, same = _verify(
+        capsys,
+        "--url",
+        servers["tiny-6bpw"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(recorded),
+    )
     assert code == 0 and same["kl"]["mean"] == pytest.approx(0.0, abs=1e-12)
-    code, worse = _verify(capsys, "--url", servers["tiny-4bpw"].url, "--api-key-file", str(key_file),
-                          "--reference", str(recorded))
+    code, worse = _verify(
+        capsys,
+        "--url",
+        servers["tiny-4bpw"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(recorded),
+    )
     assert code == 5 and "regression" in worse["kl"]["threshold_source"]
 
 
 def test_junit_report_parses(servers, reference_file, key_file, tmp_path, capsys):
     junit = tmp_path / "reports" / "verify.xml"
-    code, _ = _verify(capsys, "--url", servers["tiny-4bpw"].url, "--api-key-file", str(key_file),
-                      "--reference", str(reference_file), "--max-kl", "0.05", "--junit", str(junit))
+    code, _ = _verify(
+        capsys,
+        "--url",
+        servers["tiny-4bpw"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(reference_file),
+        "--max-kl",
+        "0.05",
+        "--junit",
+        str(junit),
+    )
     assert code == 5
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None and suite.get("tests") == "5" and suite.get("failures") == "1"
@@ -150,13 +229,27 @@ def test_api_key_from_api_tokens_yml_and_from_env(servers, tmp_path, capsys, mon
 
 
 def test_wrong_model_id_cache_mode_or_context_fails_readiness(servers, key_file, capsys):
-    for flags in (["--expect-model", "GLM-4.7-other"], ["--expect-cache-mode", "FP16"],
-                  ["--expect-context", "8192"]):
+    for flags in (
+        ["--expect-model", "GLM-4.7-other"],
+        ["--expect-cache-mode", "FP16"],
+        ["--expect-context", "8192"],
+    ):
         code, report = _verify(capsys, "--url", servers["tiny"].url, "--api-key-file", str(key_file), *flags)
         readiness = next(c for c in report["checks"] if c["name"] == "readiness")
         assert code == 5 and not readiness["passed"], flags
-    code, report = _verify(capsys, "--url", servers["tiny"].url, "--api-key-file", str(key_file),
-                           "--expect-model", "tiny", "--expect-cache-mode", "5,4", "--expect-context", "4096")
+    code, report = _verify(
+        capsys,
+        "--url",
+        servers["tiny"].url,
+        "--api-key-file",
+        str(key_file),
+        "--expect-model",
+        "tiny",
+        "--expect-cache-mode",
+        "5,4",
+        "--expect-context",
+        "4096",
+    )
     assert code == 0
 
 
@@ -175,8 +268,11 @@ def test_sticky_unhealthy_server_reports_its_issues(tmp_path, key_file, capsys):
 
     server = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny", "reasoning": True})
     try:
-        httpx.post(f"{server.url}/v1/completions", headers={"X-API-Key": KEY},
-                   json={"prompt": ERROR_TRIGGER, "max_tokens": 1})
+        httpx.post(
+            f"{server.url}/v1/completions",
+            headers={"X-API-Key": KEY},
+            json={"prompt": ERROR_TRIGGER, "max_tokens": 1},
+        )
         code, report = _verify(capsys, "--url", server.url, "--api-key-file", str(key_file))
     finally:
         server.stop()
@@ -185,8 +281,12 @@ def test_sticky_unhealthy_server_reports_its_issues(tmp_path, key_file, capsys):
 
 
 def test_wait_covers_a_closed_port_during_model_load(tmp_path, key_file, capsys):
-    server = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny", "reasoning": True},
-                           test_server={"load_delay_s": 1.5})
+    server = testing.start(
+        tmp_path,
+        api_key=KEY,
+        model={"model_name": "tiny", "reasoning": True},
+        test_server={"load_delay_s": 1.5},
+    )
     try:
         code, report = _verify(capsys, "--url", server.url, "--api-key-file", str(key_file), "--wait", "30")
     finally:
@@ -201,20 +301,32 @@ def test_tokenizer_mismatch_fails_before_kl(servers, reference_file, key_file, t
     data["tokenizer"]["probe_ids_sha256"] = "0" * 64
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
-    code, report = _verify(capsys, "--url", servers["tiny"].url, "--api-key-file", str(key_file),
-                           "--reference", str(other), "--max-kl", "1")
+    code, report = _verify(
+        capsys,
+        "--url",
+        servers["tiny"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(other),
+        "--max-kl",
+        "1",
+    )
     names = {c["name"]: c for c in report["checks"]}
     assert code == 5 and not names["tokenizer"]["passed"] and names["kl"]["skipped"]
 
 
-@pytest.mark.parametrize("args", [
-    ["--url", "127.0.0.1:5000"],
-    ["--url", "http://127.0.0.1:1", "--max-kl", "-1"],
-    ["--url", "http://127.0.0.1:1", "--reference", "/nonexistent/ref.json"],
-    ["--url", "http://127.0.0.1:1", "--api-key-file", "/nonexistent/key"],
-    ["--url", "http://127.0.0.1:1", "--prompts", "0"],
-    ["--url", "http://127.0.0.1:1", "--expect-quant", "7bpw_nonexistent"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--url", "127.0.0.1:5000"],
+        ["--url", "http://127.0.0.1:1", "--max-kl", "-1"],
+        ["--url", "http://127.0.0.1:1", "--reference", "/nonexistent/ref.json"],
+        ["--url", "http://127.0.0.1:1", "--api-key-file", "/nonexistent/key"],
+        ["--url", "http://127.0.0.1:1", "--prompts", "0"],
+        ["--url", "http://127.0.0.1:1", "--expect-quant", "7bpw_nonexistent"],
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, capsys):
     assert main(["verify", *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -229,8 +341,19 @@ def test_malformed_reference_is_bad_input(tmp_path, capsys):
 
 
 def test_prompts_limits_the_spot_check(servers, reference_file, key_file, capsys):
-    code, report = _verify(capsys, "--url", servers["tiny-8bpw"].url, "--api-key-file", str(key_file),
-                           "--reference", str(reference_file), "--max-kl", "1", "--prompts", "5")
+    code, report = _verify(
+        capsys,
+        "--url",
+        servers["tiny-8bpw"].url,
+        "--api-key-file",
+        str(key_file),
+        "--reference",
+        str(reference_file),
+        "--max-kl",
+        "1",
+        "--prompts",
+        "5",
+    )
     assert code == 0
     assert len({p["prompt"] for p in report["per_position"]}) == 5
 
@@ -247,9 +370,21 @@ def test_a_choice_without_logprobs_is_asked_again_alone():
         prompts = json.loads(request.content)["prompt"]
         calls.append(prompts)
         empty = len(calls) == 1
-        choices = [{"index": i, "text": "", "logprobs": None if empty and i == 1 else
-                    {"tokens": ["x"], "token_logprobs": [-0.1], "top_logprobs": [{"x": -0.1, "y": -2.4}],
-                     "text_offset": [0]}} for i in range(len(prompts))]
+        choices = [
+            {
+                "index": i,
+                "text": "",
+                "logprobs": None
+                if empty and i == 1
+                else {
+                    "tokens": ["x"],
+                    "token_logprobs": [-0.1],
+                    "top_logprobs": [{"x": -0.1, "y": -2.4}],
+                    "text_offset": [0],
+                },
+            }
+            for i in range(len(prompts))
+        ]
         return httpx.Response(200, json={"choices": choices})
 
     client = TabbyClient("http://server", "k", transport=httpx.MockTransport(handler))

@@ -41,13 +41,15 @@ def test_prefixes_are_token_prefixes_of_the_whole_prompt():
         assert 1 <= len(cuts) <= 4, prompt.name
         assert [len(ids) for _, ids in cuts] == sorted({len(ids) for _, ids in cuts})
         for prefix, ids in cuts:
-            assert prompt.text.startswith(prefix) and ids == full[:len(ids)] and len(ids) < len(full)
+            assert prompt.text.startswith(prefix) and ids == full[: len(ids)] and len(ids) < len(full)
 
 
 def test_a_cut_whose_tokens_are_not_a_prefix_is_skipped():
     """An encoder that merges across the first space: that cut must not be used."""
+
     def encode(text: str) -> list[int]:
         return [hash(w) % 1000 for w in text.replace("a b", "a_b").split(" ")]
+
     cuts = choose_prefixes("x y z a b c d e f g h i j", encode, count=8)
     assert all(not prefix.endswith(" a") and prefix != "x y z a" for prefix, _ in cuts)
 
@@ -89,13 +91,25 @@ def test_record_uses_the_same_prefixes_as_compute(tmp_path):
         assert [p.prefix_ids for p in rec.positions] == [p.prefix_ids for p in com.positions]
 
 
-@pytest.mark.parametrize("document, problem", [
-    (b"not json", "not JSON"),
-    (json.dumps({"format": "other"}).encode(), "is not a glm-deploy-reference file"),
-    (json.dumps({"format": FORMAT, "version": 1, "kind": "weird", "prompts": []}).encode(), "kind"),
-    (json.dumps({"format": FORMAT, "version": 1, "kind": "deployment", "prompts": [
-        {"positions": [{"prefix": "a", "top": {"tokens": ["x"], "logprobs": []}}]}]}).encode(), "equal"),
-])
+@pytest.mark.parametrize(
+    "document, problem",
+    [
+        (b"not json", "not JSON"),
+        (json.dumps({"format": "other"}).encode(), "is not a glm-deploy-reference file"),
+        (json.dumps({"format": FORMAT, "version": 1, "kind": "weird", "prompts": []}).encode(), "kind"),
+        (
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "version": 1,
+                    "kind": "deployment",
+                    "prompts": [{"positions": [{"prefix": "a", "top": {"tokens": ["x"], "logprobs": []}}]}],
+                }
+            ).encode(),
+            "equal",
+        ),
+    ],
+)
 def test_bad_reference_files_are_bad_input(tmp_path, document, problem):
     path = tmp_path / "ref.json"
     path.write_bytes(document)
@@ -114,15 +128,32 @@ def test_bad_prompt_sets_are_bad_input(tmp_path):
 
 def test_custom_prompt_file_via_cli(tmp_path, capsys):
     prompts = tmp_path / "p.yaml"
-    prompts.write_text("version: 1\nprompts:\n  - {name: one, text: 'the river and the light of the city at night "
-                       "and the people of the world'}\n")
+    prompts.write_text(
+        "version: 1\nprompts:\n  - {name: one, text: 'the river and the light of the city at night "
+        "and the people of the world'}\n"
+    )
     server = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny"})
     out = tmp_path / "rec.json.gz"
     try:
         key = tmp_path / "key"
         key.write_text(KEY)
-        assert main(["reference", "record", "--url", server.url, "--api-key-file", str(key), "--out", str(out),
-                     "--prompts", str(prompts)]) == 0
+        assert (
+            main(
+                [
+                    "reference",
+                    "record",
+                    "--url",
+                    server.url,
+                    "--api-key-file",
+                    str(key),
+                    "--out",
+                    str(out),
+                    "--prompts",
+                    str(prompts),
+                ]
+            )
+            == 0
+        )
     finally:
         server.stop()
     reference = load_reference(out)
@@ -131,20 +162,30 @@ def test_custom_prompt_file_via_cli(tmp_path, capsys):
 
 
 def test_record_from_an_unreachable_server_exits_5(tmp_path, capsys):
-    code = main(["reference", "record", "--url", f"http://127.0.0.1:{testing.free_port()}",
-                 "--out", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "reference",
+            "record",
+            "--url",
+            f"http://127.0.0.1:{testing.free_port()}",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 5 and not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ["compute", "--model-dir", "/nonexistent/model", "--out", "ref.json"],
-    ["compute", "--model-dir", ".", "--out", "ref.txt"],
-    ["record", "--url", "http://127.0.0.1:1", "--out", "ref.json", "--top-k", "0"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compute", "--model-dir", "/nonexistent/model", "--out", "ref.json"],
+        ["compute", "--model-dir", ".", "--out", "ref.txt"],
+        ["record", "--url", "http://127.0.0.1:1", "--out", "ref.json", "--top-k", "0"],
+    ],
+)
 def test_reference_bad_input_exits_2(args, capsys):
     assert main(["reference", *args]) == 2
     assert capsys.readouterr().err.startswith("deploy reference:")
-
 
 
 def test_compute_without_torch_or_gpu_is_environment_missing(tmp_path, capsys):

@@ -148,12 +148,20 @@ def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, d
     try:
         card = client.model()
     except ServerError as error:
-        hint = " (no model loaded yet: TabbyAPI answers 503 until the load finishes)" if error.status == 503 else ""
+        hint = (
+            " (no model loaded yet: TabbyAPI answers 503 until the load finishes)"
+            if error.status == 503
+            else ""
+        )
         return Check("readiness", False, f"{error}{hint}", time.monotonic() - started), None
     elapsed = time.monotonic() - started
     parameters = card.get("parameters") or {}
-    served = {"id": card.get("id"), "cache_mode": parameters.get("cache_mode"),
-              "max_seq_len": parameters.get("max_seq_len"), "cache_size": parameters.get("cache_size")}
+    served = {
+        "id": card.get("id"),
+        "cache_mode": parameters.get("cache_mode"),
+        "max_seq_len": parameters.get("max_seq_len"),
+        "cache_size": parameters.get("cache_size"),
+    }
     problems = []
     if expect.model_id is not None and served["id"] != expect.model_id:
         problems.append(f"model id is {served['id']!r}, expected {expect.model_id!r}")
@@ -161,8 +169,10 @@ def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, d
         problems.append(f"cache_mode is {served['cache_mode']!r}, expected {expect.cache_mode!r}")
     if expect.context is not None and served["max_seq_len"] != expect.context:
         problems.append(f"max_seq_len is {served['max_seq_len']}, expected {expect.context}")
-    summary = (f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
-               f"cache_size {served['cache_size']}")
+    summary = (
+        f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
+        f"cache_size {served['cache_size']}"
+    )
     if problems:
         return Check("readiness", False, "; ".join(problems) + f" (serving {summary})", elapsed), served
     return Check("readiness", True, summary, elapsed), served
@@ -182,11 +192,18 @@ def check_function(client: TabbyClient, expect: Expectations) -> Check:
         return Check("function", False, "chat message content is not text", elapsed)
     leaked = [m for m in expect.reasoning_markers if m in content]
     if leaked:
-        return Check("function", False, f"reasoning markers {', '.join(leaked)} are in content: the server does not "
-                                        "split reasoning (TabbyAPI needs PR #295 and model.reasoning: true)", elapsed)
+        return Check(
+            "function",
+            False,
+            f"reasoning markers {', '.join(leaked)} are in content: the server does not "
+            "split reasoning (TabbyAPI needs PR #295 and model.reasoning: true)",
+            elapsed,
+        )
     if not content.strip() and not reasoning.strip():
         return Check("function", False, "chat completion returned no text", elapsed)
-    parts = [f"content {len(content)} chars"] + ([f"reasoning_content {len(reasoning)} chars"] if reasoning else [])
+    parts = [f"content {len(content)} chars"] + (
+        [f"reasoning_content {len(reasoning)} chars"] if reasoning else []
+    )
     return Check("function", True, "chat completion returned " + ", ".join(parts), elapsed)
 
 
@@ -203,8 +220,13 @@ def check_tokenizer(client: TabbyClient, reference: Reference) -> Check:
     if not expected:
         return Check("tokenizer", True, "reference records no tokenizer identity; not compared", elapsed)
     if probe_identity(ids) != expected:
-        return Check("tokenizer", False, "the served tokenizer encodes the probe differently from the reference's "
-                                         "(a different model or tokenizer)", elapsed)
+        return Check(
+            "tokenizer",
+            False,
+            "the served tokenizer encodes the probe differently from the reference's "
+            "(a different model or tokenizer)",
+            elapsed,
+        )
     return Check("tokenizer", True, f"probe encodes identically ({len(ids)} tokens)", elapsed)
 
 
@@ -216,7 +238,7 @@ def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float, 
     assert reference is not None
     if reference.kind != KIND_FULL_PRECISION:
         return REGRESSION_MAX_KL, f"regression bound {REGRESSION_MAX_KL} vs a {reference.kind} reference"
-    from ..profiles import load_profile
+    from ..facts.profiles import load_profile
 
     profile = load_profile(request.profile)
     quant_name = request.expect.quant
@@ -225,16 +247,21 @@ def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float, 
         quant_name = max(matches, key=len) if matches else None
     if quant_name is not None:
         quant = profile.quant(quant_name)
-        return (quant.kl_ref_quant * KL_TOLERANCE_FACTOR,
-                f"{profile.name} {quant.branch}: measured KL {quant.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}")
+        return (
+            quant.kl_ref_quant * KL_TOLERANCE_FACTOR,
+            f"{profile.name} {quant.branch}: measured KL {quant.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}",
+        )
     worst = max(profile.quants, key=lambda q: q.kl_ref_quant)
-    source = (f"no quant named (--expect-quant): {profile.name}'s worst quant {worst.branch} "
-              f"{worst.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}")
+    source = (
+        f"no quant named (--expect-quant): {profile.name}'s worst quant {worst.branch} "
+        f"{worst.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}"
+    )
     return worst.kl_ref_quant * KL_TOLERANCE_FACTOR, source
 
 
-def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, top_k: int) \
-        -> tuple[list[PositionResult], float, int]:
+def measure_kl(
+    client: TabbyClient, reference: Reference, prompts: int | None, top_k: int
+) -> tuple[list[PositionResult], float, int]:
     """Teacher-forced top-K at every reference prefix (one request per prompt) and the per-position KL bound.
 
     A position the server answers without logprobs even on retries is left out and counted.
@@ -256,9 +283,14 @@ def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, t
                 continue
             ref_side = side_from_entries(position.entries(), collisions)
             served_side = side_from_entries(entries, collisions)
-            results.append(PositionResult(prompt=prompt.name, tokens=position.token_count,
-                                          kl=position_kl(ref_side, served_side, collisions),
-                                          top1_match=ref_side.top1 == served_side.top1))
+            results.append(
+                PositionResult(
+                    prompt=prompt.name,
+                    tokens=position.token_count,
+                    kl=position_kl(ref_side, served_side, collisions),
+                    top1_match=ref_side.top1 == served_side.top1,
+                )
+            )
     return results, seconds, missing
 
 
@@ -276,21 +308,34 @@ def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None)
     try:
         results, seconds, missing = measure_kl(client, reference, request.prompts, top_k)
     except ServerError as error:
-        return KlOutcome(Check("kl", False, str(error), time.monotonic() - started), None, (), 0.0, threshold,
-                         source)
+        return KlOutcome(
+            Check("kl", False, str(error), time.monotonic() - started), None, (), 0.0, threshold, source
+        )
     elapsed = time.monotonic() - started
     if not results:
-        problem = "no position returned logprobs (does the server support logprobs?)" if missing \
+        problem = (
+            "no position returned logprobs (does the server support logprobs?)"
+            if missing
             else "the reference has no positions"
+        )
         return KlOutcome(Check("kl", False, problem, elapsed), None, (), seconds, threshold, source)
     prompt_index = {name: i for i, name in enumerate(dict.fromkeys(r.prompt for r in results))}
-    summary = summarize([r.kl for r in results], [prompt_index[r.prompt] for r in results],
-                        [r.top1_match for r in results])
-    text = (f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
-            f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
-            f"{threshold:.4g} ({source})" + (f"; {missing} positions returned no logprobs" if missing else ""))
-    return KlOutcome(Check("kl", summary.mean <= threshold, text, elapsed), summary, tuple(results), seconds,
-                     threshold, source)
+    summary = summarize(
+        [r.kl for r in results], [prompt_index[r.prompt] for r in results], [r.top1_match for r in results]
+    )
+    text = (
+        f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
+        f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
+        f"{threshold:.4g} ({source})" + (f"; {missing} positions returned no logprobs" if missing else "")
+    )
+    return KlOutcome(
+        Check("kl", summary.mean <= threshold, text, elapsed),
+        summary,
+        tuple(results),
+        seconds,
+        threshold,
+        source,
+    )
 
 
 def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> VerifyReport:
