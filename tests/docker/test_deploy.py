@@ -33,6 +33,7 @@ from toolkit.deploy.deployment import load_deployment
 from toolkit.deploy.diagnose import DiagnosedFailure
 from toolkit.deploy.retry import replan
 from toolkit.detect.gpu_spec import parse_gpu_spec
+from toolkit.facts.layout import STATE
 from toolkit.facts.profiles import load_profile
 from toolkit.plan.plan import PlanRequest
 from toolkit.plan.planner import make_plan
@@ -152,7 +153,7 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
     assert mounts == {"/app/config.yml": False, "/app/api_tokens.yml": False, f"/app/models/{QUANT}": False}
     assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     assert not container.attrs["HostConfig"].get("DeviceRequests")  # --no-gpu: no GPU request at all
-    state_file = site.out / state.STATE_NAME
+    state_file = site.out / STATE
     assert (state_file.stat().st_mode & 0o777) == 0o600
     assert json.loads(state_file.read_text())["container_id"] == container.id
 

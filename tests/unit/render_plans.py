@@ -13,6 +13,7 @@ SERVING = Serving(
     reasoning_end_token="</think>",
     tool_format="glm4_7",
     default_min_context=32768,
+    cache_floor="5,4",
 )
 
 CARDS = {

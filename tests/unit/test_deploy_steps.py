@@ -10,7 +10,7 @@ import pytest
 from toolkit.deploy import compose_spec
 from toolkit.deploy.deployment import endpoint_summary, load_deployment
 from toolkit.deploy.preflight import check_driver, check_port
-from toolkit.deploy.readiness import Expectation, check_model, ready_timeout_s
+from toolkit.deploy.readiness import ready_timeout_s
 from toolkit.deploy.retry import smaller_context
 from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.errors import BadInput, EnvironmentMissing
@@ -18,6 +18,7 @@ from toolkit.facts.profiles import load_profile
 from toolkit.plan.plan import PlanRequest
 from toolkit.plan.planner import make_plan
 from toolkit.render.bundle import RenderOptions, render_bundle
+from toolkit.verify.readiness import Expectations, model_problems
 
 
 @pytest.fixture()
@@ -132,11 +133,11 @@ def test_driver_check_compares_versions_numerically() -> None:
 
 
 def test_model_check_names_every_difference() -> None:
-    expect = Expectation(model_id="3bpw_H6", cache_mode="5,4", context=65536)
+    expect = Expectations(model_id="3bpw_H6", cache_mode="5,4", context=65536)
     good = {"id": "3bpw_H6", "parameters": {"cache_mode": "5, 4", "max_seq_len": 65536}}
-    assert check_model(good, expect) == []
+    assert model_problems(good, expect) == []
     bad = {"id": "2bpw_H6", "parameters": {"cache_mode": "FP16", "max_seq_len": 4096}}
-    assert len(check_model(bad, expect)) == 3
+    assert len(model_problems(bad, expect)) == 3
 
 
 def test_endpoint_summary_points_at_the_key_without_showing_it(rendered: Path) -> None:

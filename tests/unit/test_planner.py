@@ -14,9 +14,10 @@ from toolkit.errors import BadInput, NoFit
 from toolkit.facts.profiles import load_profile
 from toolkit.plan import memory
 from toolkit.plan.plan import Plan, PlanRequest
-from toolkit.plan.planner import CACHE_FLOOR, CACHE_LADDER, _Search, make_plan
+from toolkit.plan.planner import CACHE_LADDER, _Search, cache_floor, make_plan
 
 PROFILE = load_profile("glm-4.7")
+CACHE_FLOOR = cache_floor(PROFILE)
 MAX_CONTEXT = PROFILE.architecture.max_position_embeddings
 KL = {q.branch: q.kl_ref_quant for q in PROFILE.quants}
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -60,6 +60,8 @@ BROKEN = [
     (_set(("memory_overhead", "calibrated"), "yes"), "memory_overhead.calibrated"),
     (_drop(("memory_overhead",)), "memory_overhead"),
     (_set(("serving", "default_min_context"), 0), "serving.default_min_context"),
+    (_set(("serving", "cache_floor"), "k5v4"), "serving.cache_floor"),
+    (_drop(("serving", "cache_floor")), "serving.cache_floor"),
     (_set(("hf_repo",), "not a repo"), "hf_repo"),
 ]
 

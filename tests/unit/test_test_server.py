@@ -17,7 +17,7 @@ from tests.tabby_test_server import testing
 from tests.tabby_test_server.app import ConfigError, load_config, prepare
 from tests.tabby_test_server.model import TinyModel
 from tests.tabby_test_server.server import ERROR_TRIGGER, OOM_MESSAGE
-from toolkit.verify.checks import Expectations, check_function
+from toolkit.verify.checks import check_function, profile_reasoning_markers
 from toolkit.verify.client import TabbyClient
 from toolkit.verify.kl import full_kl
 
@@ -355,7 +355,7 @@ def test_verify_function_check_passes_a_2_bit_server_with_a_reasoning_parser(tmp
     )
     client = TabbyClient(running.url, KEY)
     try:
-        check = check_function(client, Expectations())
+        check = check_function(client, profile_reasoning_markers("glm-4.7"))
     finally:
         client.close()
         running.stop()

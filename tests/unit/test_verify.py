@@ -14,6 +14,9 @@ from tests.tabby_test_server import testing
 from tests.tabby_test_server.backend import TinyModelBackend
 from tests.tabby_test_server.server import ERROR_TRIGGER
 from toolkit.cli import main
+from toolkit.deploy.readiness import wait_ready
+from toolkit.errors import VerificationFailed
+from toolkit.verify.readiness import Expectations, same_cache_mode
 from toolkit.verify.reference import compute_reference, load_prompts, save_reference
 
 KEY = "verify-test-key-5f3a9c"
@@ -251,6 +254,31 @@ def test_wrong_model_id_cache_mode_or_context_fails_readiness(servers, key_file,
         "4096",
     )
     assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("spelling", "ready"), [("5,4", True), ("5, 4", True), (" 5,4", True), ("5,5", False)]
+)
+def test_up_and_verify_judge_the_same_model_answer_alike(servers, key_file, capsys, spelling, ready):
+    """`deploy up` (wait_ready) and `deploy verify` share one readiness model: same verdict, any spelling."""
+    url = servers["tiny"].url
+    code, report = _verify(
+        capsys, "--url", url, "--api-key-file", str(key_file), "--expect-cache-mode", spelling
+    )
+    readiness = next(c for c in report["checks"] if c["name"] == "readiness")
+    assert readiness["passed"] is ready and (code == 0) is ready, readiness["detail"]
+    expect = Expectations(model_id="tiny", cache_mode=spelling, context=4096)
+    if ready:
+        assert wait_ready(url, KEY, expect, timeout_s=10, poll_s=0.1).model["id"] == "tiny"
+    else:
+        with pytest.raises(VerificationFailed, match="cache_mode is '5,4', expected '5,5'"):
+            wait_ready(url, KEY, expect, timeout_s=10, poll_s=0.1)
+
+
+def test_cache_modes_compare_by_meaning():
+    assert same_cache_mode("8,8", "Q8") and same_cache_mode("4,4", "q4") and same_cache_mode("FP16", "fp16")
+    assert not same_cache_mode("5,4", "4,5") and not same_cache_mode("FP16", "8,8")
+    assert not same_cache_mode(None, "5,4") and same_cache_mode("k5v4", "K5V4")  # unparseable: as text
 
 
 def test_reasoning_in_content_fails_the_function_check(tmp_path, key_file, capsys):

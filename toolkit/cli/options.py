@@ -12,11 +12,12 @@ from typing import Any
 
 from ..detect.inventory import GpuInventory
 from ..errors import BadInput
+from ..facts.runtime import DEFAULT_HOST_PORT
 from ..plan.plan import PlanRequest
 
 PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib")  # default None; cache and split default to "auto"
 NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
-DEFAULT_PORT = "5000"
+DEFAULT_PORT = str(DEFAULT_HOST_PORT)
 
 
 def add_plan_options(parser: Any) -> None:

@@ -71,8 +71,9 @@ def _validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate everything local first (exit 2), then run the checks (exit 5 on any failure)."""
     from ..output import console, emit_json, status_console
-    from ..verify.checks import Expectations, VerifyRequest, run_verify
+    from ..verify.checks import VerifyRequest, run_verify
     from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
     from ..verify.reference import load_reference
     from ..verify.report import report_dict, write_junit
 

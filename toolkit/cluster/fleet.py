@@ -34,6 +34,7 @@ from .. import validate
 from ..detect.gpu_spec import parse_gpu_spec
 from ..detect.inventory import Gpu, GpuInventory
 from ..errors import BadInput, ToolkitError
+from ..facts.runtime import DEFAULT_HOST_PORT
 from ..plan.memory import parse_cache_mode
 from ..plan.plan import PlanRequest
 from .yaml_lines import Located, Path_, load_located
@@ -169,7 +170,9 @@ def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
     default_replicas = _int(doc, ("replicas",), top.get("replicas", 1), 1, MAX_REPLICAS_PER_NODE)
     request = _requirements(doc, top.get("requirements", {}))
     endpoint = _mapping(doc, ("endpoint",), top.get("endpoint", {}), ENDPOINT_KEYS)
-    port = _checked(doc, ("endpoint", "port"), validate.port, endpoint.get("port", 5000), "endpoint.port")
+    port = _checked(
+        doc, ("endpoint", "port"), validate.port, endpoint.get("port", DEFAULT_HOST_PORT), "endpoint.port"
+    )
     bind = _checked(doc, ("endpoint", "bind"), validate.bind_address, endpoint.get("bind", "127.0.0.1"))
     endpoint_mode = endpoint.get("mode", "host")
     if endpoint_mode not in ENDPOINT_MODES:

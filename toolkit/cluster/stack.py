@@ -36,21 +36,21 @@ import yaml
 from .. import __version__, validate
 from ..atomic import write_text
 from ..errors import BadInput
+from ..facts import layout
+from ..facts.layout import API_TOKENS
+from ..facts.runtime import CONTAINER_API_TOKENS, CONTAINER_CONFIG, CONTAINER_MODELS_DIR, CONTAINER_PORT
 from ..render.bundle import IMAGE_USER_ID, RenderOptions, load_or_make_api_tokens, render_files
 from .fleet_plan import CLASS_LABEL, FleetPlan, NodeClass
 
-CONTAINER_PORT = 5000
 GPU_KIND = "NVIDIA-GPU"
 GATEWAY_SERVICE = "gateway"
 GATEWAY_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
-MANIFEST = "cluster.json"
-API_TOKENS = "api_tokens.yml"
 SECRET_MODE = 0o600
 # /dev/shm as TabbyAPI's compose sizes it (Swarm has no shm_size; a tmpfs mount does the same).
 SHM_BYTES = 8 * 2**30
 NOFILE = 1048576
 STOP_GRACE_S = 300  # uvicorn finishes in-flight requests (long generations) on SIGTERM before it exits
-CLASS_FILES = ("Dockerfile", "ensure-pr295.sh", ".dockerignore", "config.yml", "plan.json")
+CLASS_FILES = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.DOCKERIGNORE, layout.CONFIG, layout.PLAN)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _tabby_service(
         "configs": [
             {
                 "source": config_key,
-                "target": "/app/config.yml",
+                "target": CONTAINER_CONFIG,
                 "uid": str(IMAGE_USER_ID),
                 "gid": str(IMAGE_USER_ID),
                 "mode": 0o444,
@@ -161,7 +161,7 @@ def _tabby_service(
         "secrets": [
             {
                 "source": "api_tokens",
-                "target": "/app/api_tokens.yml",
+                "target": CONTAINER_API_TOKENS,
                 "uid": str(IMAGE_USER_ID),
                 "gid": str(IMAGE_USER_ID),
                 "mode": 0o400,
@@ -171,7 +171,7 @@ def _tabby_service(
             {
                 "type": "bind",
                 "source": f"{models_dir}/{folder}",
-                "target": f"/app/models/{folder}",
+                "target": f"{CONTAINER_MODELS_DIR}/{folder}",
                 "read_only": True,
             },
             {"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": SHM_BYTES}},
@@ -291,11 +291,11 @@ def stack_files(
         manifest = rendered["manifest"]
         for name in CLASS_FILES:
             files[f"classes/{node_class.name}/{name}"] = rendered["files"][name]
-        config_text = rendered["files"]["config.yml"][0]
+        config_text = rendered["files"][layout.CONFIG][0]
         config_key = f"config_{node_class.name}"
         configs[config_key] = {
             "name": f"{stack}-{_hash(node_class.name + config_text)}",
-            "file": f"./classes/{node_class.name}/config.yml",
+            "file": f"./classes/{node_class.name}/{layout.CONFIG}",
         }
         image = options.image or fleet.image or manifest["image"]
         services[node_class.service] = _tabby_service(
@@ -343,9 +343,12 @@ def stack_files(
     header = (
         f"# Rendered by glm-deploy {__version__} (`deploy cluster render`) from {Path(fleet.source).name};"
         " do not edit: re-render.\n"
-        f"# Deploy from this folder: docker stack deploy -c stack.yml {stack}\n"
+        f"# Deploy from this folder: docker stack deploy -c {layout.STACK} {stack}\n"
     )
-    files["stack.yml"] = (header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False), 0o644)
+    files[layout.STACK] = (
+        header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
+        0o644,
+    )
     for node_class in fleet_plan.classes:
         for node in node_class.nodes:
             # The node's own GPUs (UUIDs when its detect JSON had them) in the class's plan.
@@ -369,7 +372,7 @@ def stack_files(
             if not name.endswith(API_TOKENS)
         },
     }
-    files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n", 0o644)
+    files[layout.CLUSTER_MANIFEST] = (json.dumps(manifest, indent=2) + "\n", 0o644)
     return files, manifest
 
 
@@ -377,7 +380,7 @@ def _owner(files: dict[str, tuple[str, int]], name: str) -> tuple[int, int] | No
     """Who must own a host bundle's key file: its compose user (only root can hand it over)."""
     if os.getuid() != 0 or not name.startswith("hosts/") or not name.endswith(API_TOKENS):
         return None
-    manifest = json.loads(files[name[: -len(API_TOKENS)] + "render.json"][0])
+    manifest = json.loads(files[name[: -len(API_TOKENS)] + layout.MANIFEST][0])
     uid, gid = (int(x) for x in manifest["run_as"].split(":"))
     return uid, gid
 
@@ -392,7 +395,7 @@ def write_stack(
     out_dir = Path(os.path.abspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} exists and is not a directory", "choose another --out")
-    ours = (out_dir / MANIFEST).is_file()
+    ours = (out_dir / layout.CLUSTER_MANIFEST).is_file()
     if out_dir.is_dir() and any(out_dir.iterdir()) and not ours and not options.force:
         raise BadInput(
             f"--out {out_dir} already holds other files", "choose an empty or new folder, or --force"
@@ -411,7 +414,7 @@ def write_stack(
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return manifest
-    for name in sorted(files, key=lambda n: n == MANIFEST):
+    for name in sorted(files, key=lambda n: n == layout.CLUSTER_MANIFEST):
         write_text(out_dir / name, files[name][0], files[name][1], _owner(files, name))
     for group in ("classes", "hosts"):
         keep = {name.split("/")[1] for name in files if name.startswith(f"{group}/")}

@@ -14,9 +14,10 @@ from typing import Any
 
 from ..atomic import write_text
 from ..errors import EnvironmentMissing
+from ..facts.runtime import CONTAINER_PORT
 from ..render.config import model_folder
 from .fleet_plan import FleetPlan, NodeClass
-from .stack import CONTAINER_PORT, GATEWAY_SERVICE
+from .stack import GATEWAY_SERVICE
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def inventory_replicas(fleet_plan: FleetPlan) -> tuple[list[Target], list[str]]:
 
 def expectations_for(fleet_plan: FleetPlan, node_class: NodeClass | None) -> Any:
     """What a target must serve: its class's model, cache mode and context; the endpoint: what all share."""
-    from ..verify.checks import Expectations
+    from ..verify.readiness import Expectations
 
     if node_class is None:
         plans = [c.plan for c in fleet_plan.classes]

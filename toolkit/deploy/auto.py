@@ -129,8 +129,9 @@ def run_auto(
 
 def _verify(dep: Deployment) -> list[dict[str, Any]]:
     """Liveness, readiness and function checks of the verify helper against the planned model."""
-    from ..verify.checks import Expectations, VerifyRequest, run_verify
+    from ..verify.checks import VerifyRequest, run_verify
     from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
 
     expect = Expectations(
         model_id=dep.model_folder,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
+from ..facts import layout
 from ..plan.plan import Plan
 
 
@@ -22,11 +23,11 @@ class Deployment:
 
     @property
     def compose(self) -> Path:
-        return self.out_dir / "compose.yaml"
+        return self.out_dir / layout.COMPOSE
 
     @property
     def api_tokens(self) -> Path:
-        return self.out_dir / str(self.manifest.get("api_tokens", "api_tokens.yml"))
+        return self.out_dir / str(self.manifest.get("api_tokens", layout.API_TOKENS))
 
     @property
     def models_dir(self) -> Path:
@@ -51,8 +52,8 @@ def load_deployment(out_dir: Path) -> Deployment:
     """Read what `deploy render` wrote; a missing or foreign out dir is bad input with the fix."""
     out_dir = Path(os.path.abspath(out_dir))
     try:
-        manifest = json.loads((out_dir / "render.json").read_text(encoding="utf-8"))
-        plan = Plan.from_dict(json.loads((out_dir / "plan.json").read_text(encoding="utf-8")))
+        manifest = json.loads((out_dir / layout.MANIFEST).read_text(encoding="utf-8"))
+        plan = Plan.from_dict(json.loads((out_dir / layout.PLAN).read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise BadInput(
             f"{out_dir} holds no rendered deployment",

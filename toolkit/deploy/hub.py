@@ -23,9 +23,9 @@ from typing import Any
 
 from ..atomic import write_text
 from ..errors import BadInput, EnvironmentMissing, ToolkitError
+from ..facts.layout import MODEL_MARKER
 from ..facts.profiles import BRANCH_PATTERN, REPO_PATTERN
 
-MARKER_NAME = ".glm-deploy-complete.json"
 HASH_BLOCK_BYTES = 8 * 1024 * 1024
 
 
@@ -101,7 +101,7 @@ def resolve_token(token_file: Path | None = None) -> str | None:
 def read_marker(target: Path, repo: str, revision: str) -> dict[str, Any] | None:
     """The completion marker if it belongs to this repo/revision and every recorded file still has its size."""
     try:
-        marker = json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))
+        marker = json.loads((target / MODEL_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("repo") != repo or marker.get("revision") != revision:
@@ -200,7 +200,7 @@ def fetch_model(
         "commit": snapshot.commit,
         "files": {f.path: f.size for f in snapshot.files},
     }
-    write_text(target / MARKER_NAME, json.dumps(marker_data, indent=2) + "\n")
+    write_text(target / MODEL_MARKER, json.dumps(marker_data, indent=2) + "\n")
     return ModelFetch(
         str(target), repo, revision, snapshot.commit, snapshot.total_bytes, len(snapshot.files), reused=False
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EnvironmentMissing
+from ..facts.layout import MODEL_MARKER
 from . import engine, hub
 
 
@@ -45,7 +46,7 @@ def run_preflight(client: Any, request: PreflightRequest) -> list[str]:
     else:
         notes.append("CPU-only engine (--no-gpu): NVIDIA runtime and driver checks skipped")
     target = request.models_dir / request.model_dir_name
-    if not (target / hub.MARKER_NAME).is_file():
+    if not (target / MODEL_MARKER).is_file():
         hub.check_disk(target, request.model_bytes - _present_bytes(target))
     if not request.port_held_by_us:
         check_port(request.bind, request.port)

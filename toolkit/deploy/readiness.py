@@ -1,7 +1,8 @@
 """Wait until a started TabbyAPI serves the planned model: port open -> /health 200 -> /v1/model matches the plan.
 
 TabbyAPI loads the model before it opens its port, and /health does not say whether a model is loaded
-(../shared/facts/tabbyapi.md), so only /v1/model with the planned id, cache mode and context proves readiness.
+(../shared/facts/tabbyapi.md), so only /v1/model with the planned id, cache mode and context proves readiness --
+the one readiness model of toolkit.verify.readiness, which `deploy verify` checks too.
 While waiting, the container is watched: an exit or restart is diagnosed from its log at once.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import VerificationFailed
+from ..facts.layout import API_TOKENS
+from ..verify.readiness import Expectations, model_problems
 from . import engine
 from .diagnose import diagnose, last_line
 
@@ -32,38 +35,11 @@ def ready_timeout_s(model_bytes: int) -> int:
 
 
 @dataclass(frozen=True)
-class Expectation:
-    """What /v1/model must report for the deployment to count as ready."""
-
-    model_id: str
-    cache_mode: str
-    context: int
-
-
-@dataclass(frozen=True)
 class Ready:
     """Readiness reached: how long it took and what the server reported."""
 
     seconds: float
     model: dict[str, Any]
-
-
-def same_cache_mode(reported: Any, planned: str) -> bool:
-    """TabbyAPI's spelling ("FP16", "5,4") compared loosely on case and spaces."""
-    return str(reported).replace(" ", "").upper() == planned.replace(" ", "").upper()
-
-
-def check_model(model: dict[str, Any], expect: Expectation) -> list[str]:
-    """Differences between what /v1/model reports and the plan (empty when it matches)."""
-    params = model.get("parameters") or {}
-    problems = []
-    if model.get("id") != expect.model_id:
-        problems.append(f"model {model.get('id')!r} instead of {expect.model_id!r}")
-    if not same_cache_mode(params.get("cache_mode"), expect.cache_mode):
-        problems.append(f"cache_mode {params.get('cache_mode')!r} instead of {expect.cache_mode!r}")
-    if params.get("max_seq_len") != expect.context:
-        problems.append(f"max_seq_len {params.get('max_seq_len')!r} instead of {expect.context}")
-    return problems
 
 
 def port_open(url: str, timeout_s: float = 1.0) -> bool:
@@ -79,7 +55,7 @@ def port_open(url: str, timeout_s: float = 1.0) -> bool:
 def wait_ready(
     url: str,
     api_key: str,
-    expect: Expectation,
+    expect: Expectations,
     *,
     timeout_s: float,
     container: Any = None,
@@ -103,7 +79,7 @@ def wait_ready(
                     stage = "healthy" if health.status_code == 200 else f"/health {health.status_code}"
                     if health.status_code == 200:
                         model = client.model()
-                        problems = check_model(model, expect)
+                        problems = model_problems(model, expect)
                         if problems:
                             raise VerificationFailed(
                                 "the server is up but serves the wrong model: " + "; ".join(problems),
@@ -113,7 +89,7 @@ def wait_ready(
                 except ServerError as error:
                     if error.status == 401:
                         raise VerificationFailed(
-                            "the server refused the API key from api_tokens.yml",
+                            f"the server refused the API key from {API_TOKENS}",
                             "re-render so the mounted key file matches",
                         ) from None
                     stage = "port open, no HTTP yet" if error.status is None else f"/v1/model {error.status}"

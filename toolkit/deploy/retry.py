@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..facts.runtime import CACHE_PAGE_TOKENS
+from ..plan.memory import cache_size_tokens
 from ..plan.plan import Plan
 from .deployment import Deployment, load_deployment
 
 
 def smaller_context(context: int, minimum: int) -> int | None:
-    """Half the context rounded down to TabbyAPI's 256-token pages, never below the profile minimum (None: no room)."""
-    half = (context // 2) // 256 * 256
+    """Half the context rounded down to whole cache pages, never below the profile minimum (None: no room)."""
+    half = (context // 2) // CACHE_PAGE_TOKENS * CACHE_PAGE_TOKENS
     candidate = max(half, minimum)
     return candidate if candidate < context else None
 
@@ -52,5 +54,4 @@ def _with_context(plan: Plan, context: int) -> Plan:
 
     if plan.context <= context:
         return plan
-    cache_size = -(-context // 256) * 256
-    return replace(plan, context=context, cache_size=cache_size)
+    return replace(plan, context=context, cache_size=cache_size_tokens(context))

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-
-STATE_NAME = "deploy-state.json"
+from ..facts.layout import STATE
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ def default_container_name(out_dir: Path) -> str:
 def load_state(out_dir: Path) -> DeploymentState | None:
     """The recorded deployment, or None when nothing was started (or the file is unreadable)."""
     try:
-        data = json.loads((out_dir / STATE_NAME).read_text(encoding="utf-8"))
+        data = json.loads((out_dir / STATE).read_text(encoding="utf-8"))
         return DeploymentState(**{f.name: data[f.name] for f in fields(DeploymentState) if f.name in data})
     except (OSError, ValueError, TypeError):
         return None
@@ -56,9 +55,9 @@ def load_state(out_dir: Path) -> DeploymentState | None:
 
 def save_state(out_dir: Path, state: DeploymentState) -> None:
     """Write the state atomically, readable by the owner only (it names paths and ports of the deployment)."""
-    write_text(out_dir / STATE_NAME, json.dumps(state.to_dict(), indent=2) + "\n", mode=0o600)
+    write_text(out_dir / STATE, json.dumps(state.to_dict(), indent=2) + "\n", mode=0o600)
 
 
 def clear_state(out_dir: Path) -> None:
     """Forget the deployment (after `down`)."""
-    (out_dir / STATE_NAME).unlink(missing_ok=True)
+    (out_dir / STATE).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EnvironmentMissing, ToolkitError
+from ..facts.layout import MODEL_MARKER
 from ..output import Progress
 from ..plan.plan import Plan
 from .deployment import Deployment
@@ -116,6 +117,7 @@ def _up_once(
     dep: Deployment, client: Any, progress: Progress, *, gpu: bool, ready_timeout_s: float | None
 ) -> UpResult:
     from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
     from . import compose_spec, engine, hub, readiness, state
     from .preflight import PreflightRequest, run_preflight
 
@@ -165,9 +167,7 @@ def _up_once(
     state.save_state(dep.out_dir, record)
     progress.note(f"container {container.name} {action}")
     timeout = ready_timeout_s or readiness.ready_timeout_s(model_bytes)
-    expect = readiness.Expectation(
-        model_id=dep.model_folder, cache_mode=dep.plan.cache_mode, context=dep.plan.context
-    )
+    expect = Expectations(model_id=dep.model_folder, cache_mode=dep.plan.cache_mode, context=dep.plan.context)
     with progress.status(
         f"waiting for {dep.url} to serve {dep.model_folder} (timeout {int(timeout)} s)"
     ) as update:
@@ -197,7 +197,7 @@ def publishes(container: Any, port: int) -> bool:
 
 def _model_bytes(dep: Deployment) -> int:
     """Bytes of the model on disk: the completed download's, else the plan's weights plus the RAM-side embedding."""
-    marker_path = dep.model_dir / ".glm-deploy-complete.json"
+    marker_path = dep.model_dir / MODEL_MARKER
     try:
         return int(sum(json.loads(marker_path.read_text(encoding="utf-8"))["files"].values()))
     except (OSError, ValueError, KeyError, TypeError):

@@ -14,6 +14,7 @@ from .paths import PROFILES_DIR
 
 # A quant branch doubles as a git revision, a folder name and a Docker label value: keep it boring.
 BRANCH_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CACHE_FLOOR_PATTERN = re.compile(r"^[2-8],[2-8]$")  # a quantized K,V cache mode in TabbyAPI's spelling
 REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -69,6 +70,7 @@ class Serving:
     reasoning_end_token: str
     tool_format: str
     default_min_context: int
+    cache_floor: str  # the lowest K,V cache mode the model card recommends ("5,4"): the planner's floor
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,12 @@ def parse_profile(data: Any, source: Path) -> ModelProfile:
         reasoning_end_token=reader.get(serving_data, "reasoning_end_token", str, "serving."),
         tool_format=reader.get(serving_data, "tool_format", str, "serving."),
         default_min_context=reader.positive_int(serving_data, "default_min_context", "serving."),
+        cache_floor=reader.get(serving_data, "cache_floor", str, "serving."),
     )
+    if not CACHE_FLOOR_PATTERN.match(serving.cache_floor):
+        raise reader.fail(
+            "serving.cache_floor", f'must be K,V bits such as "5,4", got {serving.cache_floor!r}'
+        )
     hf_repo = reader.get(data, "hf_repo", str, "")
     if not REPO_PATTERN.match(hf_repo):
         raise reader.fail("hf_repo", f"is not an owner/name repository id: {hf_repo!r}")

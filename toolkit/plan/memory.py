@@ -30,10 +30,10 @@ from functools import lru_cache
 
 from ..errors import BadInput
 from ..facts.profiles import Architecture, ModelProfile, Quant
+from ..facts.runtime import CACHE_PAGE_TOKENS
 
 MIB = 2**20
 GIB = 2**30
-CACHE_PAGE_TOKENS = 256  # exllamav3 page size: cache_size must be a multiple of it
 MIN_HEADROOM_MIB = 256  # default headroom: max(256 MiB, 1 % of the GPU's total memory)
 HEADROOM_FRACTION = 0.01
 CHANNEL_WIDTH = 128  # exllamav3 splits Linear outputs in 128-wide channels for TP

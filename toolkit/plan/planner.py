@@ -10,12 +10,12 @@ The rules (pure; no NVML, no I/O):
   largest context that fits for that quant: the configured context is the request if one was given, else that
   maximum. --quant fixes the quant and only maximizes context.
 - Cache mode `auto`: the ladder FP16, 8,8, 8,7, 7,7, 7,6, 6,6, 6,5, 5,5, 5,4, 4,4, 4,3, 3,3, 3,2, 2,2 (each step
-  one bit per K/V pair less). The quant is chosen as if the cache were 5,4, the floor the model card recommends
-  ("k5v4" / "k6v5"). Then the chosen quant gets the highest mode of the ladder that still fits the required
+  one bit per K/V pair less). The quant is chosen as if the cache were at the profile's serving.cache_floor, the
+  lowest mode the model card recommends (5,4 for GLM-4.7: "k5v4" / "k6v5"). Then the chosen quant gets the highest mode of the ladder that still fits the required
   context, except that FP16 is taken only when it reaches the model's full context (8-bit K/V is practically
-  lossless, so FP16's 2.1x memory buys nothing until memory is no constraint). Only when no quant fits with 5,4 at
-  the required context does it go below the floor, and then only with the smallest quant, at the highest of 4,4,
-  4,3, 3,3, 3,2, 2,2 that fits: below the card's floor the cache loses quality fast, so cache bits are never traded
+  lossless, so FP16's 2.1x memory buys nothing until memory is no constraint). Only when no quant fits at the floor
+  with the required context does it go below the floor, and then only with the smallest quant, at the highest mode
+  of the rest of the ladder that fits (4,4, 4,3, 3,3, 3,2, 2,2 below 5,4): below the card's floor the cache loses quality fast, so cache bits are never traded
   for quant bits there (this also keeps the choice monotone: more memory or less context never gives a worse
   quant). An explicit mode is honoured exactly: the best quant that fits with it.
 - Split `auto`: one GPU is `single`. On several GPUs both tensor parallel (only up to one GPU per KV head) and layer
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from ..detect.inventory import GpuInventory
 from ..errors import BadInput, NoFit
 from ..facts.profiles import ModelProfile, Quant
+from ..facts.runtime import CACHE_PAGE_TOKENS
 from .memory import (
     FP16,
     GIB,
@@ -70,9 +71,6 @@ CACHE_LADDER: tuple[CacheMode, ...] = (FP16,) + tuple(
         (2, 2),
     )
 )
-CACHE_FLOOR = CacheMode(5, 4)
-ABOVE_FLOOR = CACHE_LADDER[: CACHE_LADDER.index(CACHE_FLOOR) + 1]
-BELOW_FLOOR = CACHE_LADDER[len(ABOVE_FLOOR) :]
 SPLIT_CHOICES = ("auto", "tp", "layer")
 
 
@@ -136,33 +134,35 @@ class _Search:
             - gpus_with_overhead * overhead_mib(self.profile, mode, self.chunk_size, False)
         ) * MIB
         spare -= weights_bytes(self.profile.architecture, quant)
-        return max(1, int(spare // (cache_bytes_per_token(self.profile.architecture, mode) * 256)))
+        return max(
+            1, int(spare // (cache_bytes_per_token(self.profile.architecture, mode) * CACHE_PAGE_TOKENS))
+        )
 
     def max_tokens(self, quant: Quant, mode: CacheMode, split: str) -> int:
-        """Largest cache size (multiple of 256, up to the model's maximum) that fits; 0 if none.
+        """Largest cache size (multiple of a page, up to the model's maximum) that fits; 0 if none.
 
         Starts at the total-memory bound and steps down in doubling strides, then bisects: the answer is
         usually within a few pages of the bound, so this takes a handful of placements instead of ten.
         """
-        if not self.place(quant, mode, split, 256).fits:
+        if not self.place(quant, mode, split, CACHE_PAGE_TOKENS).fits:
             return 0
-        high = min(self.cap_tokens // 256, self._upper_pages(quant, mode, split))
-        if self.place(quant, mode, split, high * 256).fits:
-            return high * 256
+        high = min(self.cap_tokens // CACHE_PAGE_TOKENS, self._upper_pages(quant, mode, split))
+        if self.place(quant, mode, split, high * CACHE_PAGE_TOKENS).fits:
+            return high * CACHE_PAGE_TOKENS
         low, stride = 1, 1
         while high - stride > 1:
-            if self.place(quant, mode, split, (high - stride) * 256).fits:
+            if self.place(quant, mode, split, (high - stride) * CACHE_PAGE_TOKENS).fits:
                 low = high - stride
                 break
             high, stride = high - stride, stride * 2
         high -= 1  # high does not fit; low does
         while low < high:
             middle = (low + high + 1) // 2
-            if self.place(quant, mode, split, middle * 256).fits:
+            if self.place(quant, mode, split, middle * CACHE_PAGE_TOKENS).fits:
                 low = middle
             else:
                 high = middle - 1
-        return low * 256
+        return low * CACHE_PAGE_TOKENS
 
     def best_split(self, quant: Quant, mode: CacheMode, tokens: int) -> Choice | None:
         """Among splits fitting `tokens`, the one with the longest maximum context (ties go to tp)."""
@@ -271,7 +271,22 @@ def _tiers(
         return [(candidates, (fixed_mode,))]
     # below the floor only the smallest quant: cache bits are given up there, never traded for quant bits
     smallest = min(candidates, key=lambda q: weights_bytes(profile.architecture, q))
-    return [(candidates, ABOVE_FLOOR), ((smallest,), BELOW_FLOOR)]
+    cut = CACHE_LADDER.index(cache_floor(profile)) + 1
+    below = CACHE_LADDER[cut:]
+    return [(candidates, CACHE_LADDER[:cut])] + ([((smallest,), below)] if below else [])
+
+
+def cache_floor(profile: ModelProfile) -> CacheMode:
+    """The profile's cache floor (serving.cache_floor) as a mode of the ladder."""
+    floor = parse_cache_mode(profile.serving.cache_floor)
+    if floor not in CACHE_LADDER:
+        labels = ", ".join(mode.label for mode in CACHE_LADDER[1:])
+        raise BadInput(
+            f"profile {profile.name}: serving.cache_floor {profile.serving.cache_floor!r} is not a step of the "
+            "cache ladder",
+            f"use one of {labels}",
+        )
+    return floor
 
 
 def _choose_mode(
@@ -380,9 +395,9 @@ def _closest_option(
             if quant is not None:
                 return message, f"{quant.branch} fits at {required} tokens: try --quant {quant.branch}"
     smallest = min(candidates, key=lambda q: weights_bytes(profile.architecture, q))
-    placement = search.best_placement(smallest, last_mode, 256)
+    placement = search.best_placement(smallest, last_mode, CACHE_PAGE_TOKENS)
     return message, (
-        f"even {smallest.branch} with 256 tokens needs {_gib(placement.need_mib)} GiB, has "
+        f"even {smallest.branch} with {CACHE_PAGE_TOKENS} tokens needs {_gib(placement.need_mib)} GiB, has "
         f"{_gib(placement.has_mib)} GiB: plan for more or larger GPUs"
     )
 

@@ -22,7 +22,10 @@ import yaml
 
 from .. import __version__, validate
 from ..errors import BadInput
+from ..facts import layout
+from ..facts.layout import API_TOKENS, MANIFEST
 from ..facts.profiles import Serving
+from ..facts.runtime import CONTAINER_PORT, DEFAULT_HOST_PORT
 from ..facts.tabby_pin import TabbyPin, choose_cuda, load_tabby_pin
 from ..plan.plan import Plan
 from .compose import ComposeInputs, compose_yaml, env_text
@@ -51,8 +54,6 @@ __all__ = [
 
 IMAGE_REPOSITORY = "glm-deploy/tabbyapi"
 IMAGE_USER_ID = 10001  # the image's non-root user (dockerfiles/tabbyapi.Dockerfile.j2)
-MANIFEST = "render.json"
-API_TOKENS = "api_tokens.yml"
 SECRET_MODE = 0o600
 _KEY_ALPHABET = set("0123456789abcdefABCDEF-_" + "ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ")
 
@@ -64,7 +65,7 @@ class RenderOptions:
     tabby_ref: str | None = None  # None: the pinned commit from profiles/tabbyapi.yaml
     cuda: str = "auto"  # auto | 13 | 12
     bind: str = "127.0.0.1"
-    port: int = 5000
+    port: int = DEFAULT_HOST_PORT
     models_dir: str | None = None  # absolute; None: <out>/models
     force: bool = False  # replace an --out whose rendered files differ
     gpu_reservation: bool = True  # False only for CPU-only test engines (--no-gpu-reservation)
@@ -155,7 +156,7 @@ def render_files(
     models_dir = (
         validate.host_path(options.models_dir)
         if options.models_dir is not None
-        else validate.host_path(str(out_dir / "models"), "models directory (<out>/models)")
+        else validate.host_path(str(out_dir / layout.MODELS), f"models directory (<out>/{layout.MODELS})")
     )
     by_index = {gpu.index: gpu for gpu in plan.inventory.gpus}
     capabilities = [
@@ -199,15 +200,15 @@ def render_files(
         gid=gid,
     )
     files: dict[str, tuple[str, int]] = {
-        "Dockerfile": (dockerfile, 0o644),
-        "ensure-pr295.sh": (script_text(), 0o755),
+        layout.DOCKERFILE: (dockerfile, 0o644),
+        layout.PR295_SCRIPT: (script_text(), 0o755),
         # The build context is this folder: send only what the build needs (never the keys or config).
-        ".dockerignore": ("*\n!Dockerfile\n!ensure-pr295.sh\n", 0o644),
-        "config.yml": (config_yaml(tabby_config(plan, serving), digest), 0o644),
-        "compose.yaml": (compose_yaml(compose_inputs, digest), 0o644),
-        ".env": (env_text(compose_inputs), 0o644),
+        layout.DOCKERIGNORE: (f"*\n!{layout.DOCKERFILE}\n!{layout.PR295_SCRIPT}\n", 0o644),
+        layout.CONFIG: (config_yaml(tabby_config(plan, serving), digest), 0o644),
+        layout.COMPOSE: (compose_yaml(compose_inputs, digest), 0o644),
+        layout.ENV: (env_text(compose_inputs), 0o644),
         API_TOKENS: (api_tokens_text, SECRET_MODE),
-        "plan.json": (json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", 0o644),
+        layout.PLAN: (json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", 0o644),
     }
     manifest = {
         "schema": 1,
@@ -229,7 +230,7 @@ def render_files(
         "dockerfile_sha256": dockerfile_hash,
         "bind": compose_inputs.bind,
         "port": compose_inputs.port,
-        "container_port": 5000,
+        "container_port": CONTAINER_PORT,
         "run_as": f"{uid}:{gid}",
         "gpu_reservation": options.gpu_reservation,
         "device_ids": list(compose_inputs.device_ids),
@@ -308,14 +309,14 @@ def render_bundle(plan: Plan, out_dir: Path | str, options: RenderOptions | None
                 shutil.rmtree(staging, ignore_errors=True)
     return Bundle(
         out_dir=out_dir,
-        dockerfile=out_dir / "Dockerfile",
-        pr295_script=out_dir / "ensure-pr295.sh",
-        config=out_dir / "config.yml",
-        compose=out_dir / "compose.yaml",
-        env=out_dir / ".env",
+        dockerfile=out_dir / layout.DOCKERFILE,
+        pr295_script=out_dir / layout.PR295_SCRIPT,
+        config=out_dir / layout.CONFIG,
+        compose=out_dir / layout.COMPOSE,
+        env=out_dir / layout.ENV,
         api_tokens=out_dir / API_TOKENS,
         manifest=out_dir / MANIFEST,
-        plan=out_dir / "plan.json",
+        plan=out_dir / layout.PLAN,
         image=manifest["image"],
         dockerfile_sha256=manifest["dockerfile_sha256"],
         cuda=manifest["cuda"],

@@ -8,9 +8,16 @@ from typing import Any
 import yaml
 
 from .. import validate
+from ..facts import layout
+from ..facts.runtime import (
+    CONTAINER_API_TOKENS,
+    CONTAINER_CONFIG,
+    CONTAINER_MODELS_DIR,
+    CONTAINER_PORT,
+    DEFAULT_HOST_PORT,
+)
 
 SERVICE = "tabbyapi"
-CONTAINER_PORT = 5000
 # TabbyAPI's own compose (docker/docker-compose.yml at the pin): 8 GiB of /dev/shm, unlimited locked memory,
 # many open files (safetensors shards, sockets).
 SHM_SIZE = "8gb"
@@ -39,14 +46,14 @@ def compose_dict(inputs: ComposeInputs) -> dict[str, Any]:
     """The compose model; ${GLM_*} values come from .env, with safe defaults when .env is missing."""
     service: dict[str, Any] = {
         "image": validate.image_ref(inputs.image, "image"),
-        "build": {"context": ".", "dockerfile": "Dockerfile"},
+        "build": {"context": ".", "dockerfile": layout.DOCKERFILE},
         "init": True,
         "restart": "unless-stopped",
         "user": "${GLM_UID:-10001}:${GLM_GID:-10001}",
         "ports": [
             {
                 "target": CONTAINER_PORT,
-                "published": "${GLM_PORT:-5000}",
+                "published": f"${{GLM_PORT:-{DEFAULT_HOST_PORT}}}",
                 "host_ip": "${GLM_BIND:-127.0.0.1}",
                 "protocol": "tcp",
             }
@@ -55,14 +62,14 @@ def compose_dict(inputs: ComposeInputs) -> dict[str, Any]:
             {
                 "type": "bind",
                 "source": f"${{GLM_MODELS_DIR:?set GLM_MODELS_DIR in .env}}/{inputs.model_folder}",
-                "target": f"/app/models/{inputs.model_folder}",
+                "target": f"{CONTAINER_MODELS_DIR}/{inputs.model_folder}",
                 "read_only": True,
             },
-            {"type": "bind", "source": "./config.yml", "target": "/app/config.yml", "read_only": True},
+            {"type": "bind", "source": f"./{layout.CONFIG}", "target": CONTAINER_CONFIG, "read_only": True},
             {
                 "type": "bind",
-                "source": "./api_tokens.yml",
-                "target": "/app/api_tokens.yml",
+                "source": f"./{layout.API_TOKENS}",
+                "target": CONTAINER_API_TOKENS,
                 "read_only": True,
             },
         ],

@@ -9,11 +9,8 @@ import yaml
 from .. import validate
 from ..errors import BadInput
 from ..facts.profiles import Serving, load_profile
+from ..facts.runtime import CACHE_PAGE_TOKENS, CONTAINER_CONFIG, CONTAINER_MODELS_DIR, CONTAINER_PORT
 from ..plan.plan import Plan
-
-CONTAINER_MODEL_DIR = "/app/models"
-CONTAINER_PORT = 5000
-CACHE_PAGE_TOKENS = 256  # exllamav3's cache page: cache_size must be a multiple of it
 
 
 class _Quoted(str):
@@ -66,7 +63,7 @@ def tabby_config(
     plan: Plan,
     serving: Serving | None = None,
     *,
-    model_dir: str = CONTAINER_MODEL_DIR,
+    model_dir: str = CONTAINER_MODELS_DIR,
     port: int = CONTAINER_PORT,
 ) -> dict[str, Any]:
     """The TabbyAPI config for a plan as a plain dict (the cluster helper turns it into a Swarm config)."""
@@ -80,7 +77,9 @@ def tabby_config(
             "re-run `deploy plan`",
         )
     if not model_dir.startswith("/") or not validate.HOST_PATH.match(model_dir):
-        raise BadInput(f"container model_dir {model_dir!r} is not a safe absolute path", "use /app/models")
+        raise BadInput(
+            f"container model_dir {model_dir!r} is not a safe absolute path", f"use {CONTAINER_MODELS_DIR}"
+        )
     for token in (serving.reasoning_start_token, serving.reasoning_end_token):
         if not token or any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
             raise BadInput(
@@ -110,7 +109,7 @@ def config_yaml(config: dict[str, Any], plan_digest: str) -> str:
     """config.yml text: a header naming its origin, then safe YAML in TabbyAPI's key order."""
     header = (
         "# TabbyAPI config.yml rendered by glm-deploy (`deploy render`); do not edit, re-render.\n"
-        f"# Plan {plan_digest}. Mounted read-only at /app/config.yml.\n"
+        f"# Plan {plan_digest}. Mounted read-only at {CONTAINER_CONFIG}.\n"
     )
     return header + yaml.dump(
         config, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=False

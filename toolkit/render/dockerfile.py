@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadInput, EnvironmentMissing
+from ..facts import layout
 from ..facts.paths import DOCKERFILES_DIR
+from ..facts.runtime import CONTAINER_PORT
 
 TEMPLATE = "tabbyapi.Dockerfile.j2"
-PR295_SCRIPT = DOCKERFILES_DIR / "ensure-pr295.sh"
+PR295_SCRIPT = DOCKERFILES_DIR / layout.PR295_SCRIPT
 DOCKERFILE_HASH_LABEL = "io.glm-deploy.dockerfile-sha256"
-CONTAINER_PORT = 5000
 # Used when the planned GPUs' compute capabilities are unknown (a plan made from a --gpus spec): every
 # architecture TabbyAPI/exllamav3 supports (Ampere 8.0 and newer, ../shared/facts/tabbyapi.md) that the
 # cu128/cu130 torch builds target: A100, RTX 30xx/A6000, RTX 40xx/L40S, H100/H200, B200, RTX 50xx/PRO 6000.
@@ -127,6 +128,7 @@ def render_dockerfile(inputs: DockerfileInputs) -> str:
     template = env.get_template(TEMPLATE)
     values = dict(vars(inputs))
     values["description"] = f"TabbyAPI with PR 295 serving {inputs.model} {inputs.quant}"
+    values["container_port"] = CONTAINER_PORT
     values["script_sha256"] = hashlib.sha256(script_text().encode()).hexdigest()
     draft = template.render(dockerfile_sha256="", **values)
     return template.render(dockerfile_sha256=dockerfile_sha256(draft), **values)

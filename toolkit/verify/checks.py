@@ -7,11 +7,13 @@ the expected model from its deployment state) only build the request and render 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .client import ServerError, TabbyClient
 from .kl import KlSummary, position_kl, side_from_entries, summarize
+from .readiness import Expectations, model_problems, served_model
 from .reference import KIND_DEPLOYMENT, KIND_FULL_PRECISION, TOKENIZER_PROBE, Reference, probe_identity
 
 # With a full-precision reference and no --max-kl, the served mean may exceed the profile's measured
@@ -41,17 +43,6 @@ class Check:
     detail: str
     seconds: float = 0.0
     skipped: bool = False
-
-
-@dataclass(frozen=True)
-class Expectations:
-    """What the live server must be serving (from flags, or from a local deployment's state)."""
-
-    model_id: str | None = None
-    cache_mode: str | None = None
-    context: int | None = None
-    quant: str | None = None
-    reasoning_markers: tuple[str, ...] = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -155,20 +146,8 @@ def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, d
         )
         return Check("readiness", False, f"{error}{hint}", time.monotonic() - started), None
     elapsed = time.monotonic() - started
-    parameters = card.get("parameters") or {}
-    served = {
-        "id": card.get("id"),
-        "cache_mode": parameters.get("cache_mode"),
-        "max_seq_len": parameters.get("max_seq_len"),
-        "cache_size": parameters.get("cache_size"),
-    }
-    problems = []
-    if expect.model_id is not None and served["id"] != expect.model_id:
-        problems.append(f"model id is {served['id']!r}, expected {expect.model_id!r}")
-    if expect.cache_mode is not None and str(served["cache_mode"]) != expect.cache_mode:
-        problems.append(f"cache_mode is {served['cache_mode']!r}, expected {expect.cache_mode!r}")
-    if expect.context is not None and served["max_seq_len"] != expect.context:
-        problems.append(f"max_seq_len is {served['max_seq_len']}, expected {expect.context}")
+    served = served_model(card)
+    problems = model_problems(card, expect)
     summary = (
         f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
         f"cache_size {served['cache_size']}"
@@ -178,7 +157,7 @@ def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, d
     return Check("readiness", True, summary, elapsed), served
 
 
-def check_function(client: TabbyClient, expect: Expectations) -> Check:
+def check_function(client: TabbyClient, reasoning_markers: Sequence[str]) -> Check:
     """A chat completion returns text; reasoning, when present, arrives as reasoning_content (PR #295)."""
     started = time.monotonic()
     try:
@@ -190,7 +169,7 @@ def check_function(client: TabbyClient, expect: Expectations) -> Check:
     reasoning = message.get("reasoning_content") or ""
     if not isinstance(content, str) or not isinstance(reasoning, str):
         return Check("function", False, "chat message content is not text", elapsed)
-    leaked = [m for m in expect.reasoning_markers if m in content]
+    leaked = [m for m in reasoning_markers if m in content]
     if leaked:
         return Check(
             "function",
@@ -338,9 +317,18 @@ def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None)
     )
 
 
+def profile_reasoning_markers(profile: str) -> tuple[str, ...]:
+    """The reasoning start and end tokens of the model profile: what must never leak into a reply's content."""
+    from ..facts.profiles import load_profile
+
+    serving = load_profile(profile).serving
+    return (serving.reasoning_start_token, serving.reasoning_end_token)
+
+
 def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> VerifyReport:
     """Run every check in order; a failed prerequisite marks the later checks as not run (failed)."""
     started = time.monotonic()
+    markers = request.expect.reasoning_markers or profile_reasoning_markers(request.profile)
     own = client is None
     client = client or TabbyClient(request.url, request.api_key, timeout_s=request.timeout_s)
     checks: list[Check] = []
@@ -358,7 +346,7 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
             return VerifyReport(request.url, tuple(checks), None, None, time.monotonic() - started)
         readiness, served = check_readiness(client, request.expect)
         checks.append(readiness)
-        checks.append(check_function(client, request.expect))
+        checks.append(check_function(client, markers))
         if request.reference is not None:
             tokenizer = check_tokenizer(client, request.reference)
             checks.append(tokenizer)
