@@ -12,7 +12,7 @@ from ..errors import BadInput, ToolkitError
 from ..facts.profiles import ModelProfile
 from ..output import Progress, emit_json
 from ..plan.plan import Plan, PlanRequest
-from .options import NO_GPU_ENV, add_plan_options, no_gpu, request_from_args
+from .options import NO_GPU_ENV, add_plan_options, add_port_option, no_gpu, port_number, request_from_args
 from .views import print_plan
 
 
@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--bind", default="127.0.0.1", help="host address to publish the API on (default 127.0.0.1)"
     )
-    parser.add_argument("--port", type=int, default=5000, help="host port (default 5000)")
+    add_port_option(parser)
     parser.add_argument("--models-dir", help="where models are downloaded (default <out>/models)")
     parser.add_argument("--cuda", default="auto", help="image CUDA: auto, 13 or 12")
     parser.add_argument(
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             gpus=args.gpus,
             plan_request=request_from_args(args),
             bind=args.bind,
-            port=args.port,
+            port=port_number(args.port),
             models_dir=args.models_dir,
             cuda=args.cuda,
             hf_token_file=args.hf_token_file,

@@ -10,6 +10,7 @@ import argparse
 import os
 from typing import Any
 
+from .. import validate
 from ..detect.inventory import GpuInventory
 from ..errors import BadInput
 from ..facts.runtime import DEFAULT_HOST_PORT
@@ -17,7 +18,7 @@ from ..plan.plan import PlanRequest
 
 PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib")  # default None; cache and split default to "auto"
 NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
-DEFAULT_PORT = str(DEFAULT_HOST_PORT)
+DEFAULT_PORT = str(DEFAULT_HOST_PORT)  # argparse default: parsed like a given value
 
 
 def add_plan_options(parser: Any) -> None:
@@ -57,6 +58,13 @@ def add_plan_options(parser: Any) -> None:
     )
 
 
+def add_port_option(parser: Any) -> None:
+    """--port: the host port, parsed by port_number() (the same check in every command)."""
+    parser.add_argument(
+        "--port", default=DEFAULT_PORT, metavar="PORT", help=f"host port (default {DEFAULT_HOST_PORT})"
+    )
+
+
 def given_plan_options(args: argparse.Namespace) -> list[str]:
     """The plan flags set on this command line (as the user spelled them)."""
     given = [f"--{name.replace('_', '-')}" for name in PLAN_OPTIONS if getattr(args, name) is not None]
@@ -72,11 +80,12 @@ def whole_number(value: str, option: str) -> int:
 
 
 def port_number(value: str, option: str = "--port") -> int:
-    """A TCP port as text -> int (the range is checked where it is rendered: validate.port)."""
+    """The one checked type of --port: a whole number 1-65535, else one line and exit 2."""
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise BadInput(f"{option} {value!r} is not a TCP port", "use 1-65535") from None
+    return validate.port(number, option)
 
 
 def line_count(text: str, option: str) -> int:

@@ -10,8 +10,8 @@ from typing import Any
 
 from ..errors import BadInput
 from .options import (
-    DEFAULT_PORT,
     add_plan_options,
+    add_port_option,
     given_plan_options,
     inventory_from_args,
     port_number,
@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
         metavar="ADDR",
         help="host address to publish the API on (default 127.0.0.1: this machine only)",
     )
-    parser.add_argument("--port", default=DEFAULT_PORT, metavar="PORT", help="host port (default 5000)")
+    add_port_option(parser)
     parser.add_argument(
         "--models-dir",
         metavar="PATH",
