@@ -13,6 +13,7 @@ from toolkit.detect.inventory import Gpu, GpuInventory
 from toolkit.errors import BadInput, NoFit
 from toolkit.facts.profiles import load_profile
 from toolkit.plan import memory
+from toolkit.plan.memory import CacheMode
 from toolkit.plan.plan import Plan, PlanRequest
 from toolkit.plan.planner import CACHE_LADDER, _Search, cache_floor, make_plan
 
@@ -117,14 +118,14 @@ def test_auto_cache_takes_fp16_only_when_it_reaches_the_full_context() -> None:
 
 
 def test_auto_cache_is_the_highest_mode_that_fits_the_required_context() -> None:
-    plan = plan_for("8x24GiB")
+    plan = plan_for("8x24GiB", context=65_536)  # 4bpw_H6 with 6,5: a mode between the floor and 8,8
     mode = mode_of(plan)
     ladder = list(CACHE_LADDER)
-    assert ladder.index(mode) <= ladder.index(CACHE_FLOOR)
+    assert ladder.index(CacheMode(8, 8)) < ladder.index(mode) <= ladder.index(CACHE_FLOOR)
     better = ladder[ladder.index(mode) - 1]
-    if better != memory.FP16:
-        search = _Search(PROFILE, usable_of(plan), ("tp", "layer"))
-        assert not search.fits(PROFILE.quant(plan.quant), better, memory.cache_size_tokens(32_768))
+    search = _Search(PROFILE, usable_of(plan), ("tp", "layer"))
+    assert search.fits(PROFILE.quant(plan.quant), mode, memory.cache_size_tokens(65_536))
+    assert not search.fits(PROFILE.quant(plan.quant), better, memory.cache_size_tokens(65_536))
 
 
 def test_auto_cache_goes_below_5_4_only_when_nothing_fits_otherwise() -> None:
@@ -312,67 +313,108 @@ def test_plan_round_trips_through_json() -> None:
 
 # --- properties ----------------------------------------------------------------------------------------------------
 
-gpu_sizes = st.integers(min_value=16_000, max_value=150_000)
-contexts = st.integers(min_value=1, max_value=MAX_CONTEXT)
+# Hosts are drawn where something fits, and contexts as a fraction of the longest context anything reaches there,
+# so every example gets to the assertion (drawing sizes and contexts blindly made about half of them NoFit).
+SMALLEST = min(PROFILE.quants, key=lambda q: memory.weights_bytes(PROFILE.architecture, q))
+MAX_GPU_MIB = 150_000
+
+
+def min_gpu_mib(count: int) -> int:
+    """Per-GPU MiB above which `count` equal GPUs hold the smallest quant with 32k tokens (found by bisection
+    of make_plan on this profile, rounded up: about 87 GiB of weights and 2.4 GiB of overhead per GPU)."""
+    return max(16_000, (87_000 + 2_500 * count) // count + 1)
+
+
+@st.composite
+def hosts(draw: st.DrawFn, min_gpus: int = 1, max_gpus: int = 8, headroom_mib: int = 0) -> list[int]:
+    """Free MiB of 1-8 GPUs, each large enough that the smallest quant fits on the set."""
+    count = draw(st.integers(min_gpus, max_gpus))
+    low = min(MAX_GPU_MIB, min_gpu_mib(count) + headroom_mib)
+    return draw(st.lists(st.integers(low, MAX_GPU_MIB), min_size=count, max_size=count))
+
+
+def reach(sizes: list[int], cache: str = "2,2", split: str = "auto", headroom: int | None = None) -> int:
+    """The longest context anything fits with (the smallest quant at that cache mode)."""
+    request = PlanRequest(context=1, quant=SMALLEST.branch, cache=cache, split=split, headroom_mib=headroom)
+    return make_plan(PROFILE, inventory_of(sizes), request).max_context
+
+
+def context_within(fraction: float, longest: int) -> int:
+    return max(1, min(longest, int(fraction * longest)))
+
+
+fractions = st.floats(min_value=0.0, max_value=1.0)
 
 
 @PROPERTY
-@given(count=st.integers(1, 8), size=gpu_sizes, extra=st.integers(1, 40_000), context=contexts)
-def test_more_memory_never_yields_a_worse_quant(count: int, size: int, extra: int, context: int) -> None:
-    smaller = quant_or_none([size] * count, context=context)
-    larger = quant_or_none([size + extra] * count, context=context)
-    if smaller is not None:
-        assert larger is not None and KL[larger] <= KL[smaller]
+@given(sizes=hosts(), extra=st.integers(1, 40_000), fraction=fractions)
+def test_more_memory_never_yields_a_worse_quant(sizes: list[int], extra: int, fraction: float) -> None:
+    uniform = [sizes[0]] * len(sizes)
+    context = context_within(fraction, reach(uniform))
+    smaller = quant_or_none(uniform, context=context)
+    larger = quant_or_none([size + extra for size in uniform], context=context)
+    assert smaller is not None and larger is not None and KL[larger] <= KL[smaller]
 
 
 @PROPERTY
 @given(
-    sizes=st.lists(gpu_sizes, min_size=2, max_size=4), which=st.integers(0, 3), extra=st.integers(1, 40_000)
+    sizes=hosts(min_gpus=2, max_gpus=4),
+    which=st.integers(0, 3),
+    extra=st.integers(1, 40_000),
+    fraction=fractions,
 )
-def test_more_memory_on_one_gpu_never_yields_a_worse_quant(sizes: list[int], which: int, extra: int) -> None:
+def test_more_memory_on_one_gpu_never_yields_a_worse_quant(
+    sizes: list[int], which: int, extra: int, fraction: float
+) -> None:
     grown = list(sizes)
     grown[which % len(sizes)] += extra
-    before, after = quant_or_none(sizes), quant_or_none(grown)
-    if before is not None:
-        assert after is not None and KL[after] <= KL[before]
+    context = context_within(fraction, reach(sizes))
+    before, after = quant_or_none(sizes, context=context), quant_or_none(grown, context=context)
+    assert before is not None and after is not None and KL[after] <= KL[before]
 
 
 @PROPERTY
-@given(sizes=st.lists(gpu_sizes, min_size=1, max_size=8), short=contexts, longer=st.integers(0, MAX_CONTEXT))
+@given(sizes=hosts(), short=fractions, longer=fractions)
 def test_a_larger_required_context_never_yields_a_better_quant(
-    sizes: list[int], short: int, longer: int
+    sizes: list[int], short: float, longer: float
 ) -> None:
-    long = min(MAX_CONTEXT, short + longer)
-    with_short, with_long = quant_or_none(sizes, context=short), quant_or_none(sizes, context=long)
-    if with_long is not None:
-        assert with_short is not None and KL[with_short] <= KL[with_long]
+    longest = reach(sizes)
+    short_context = context_within(short, longest)
+    long_context = context_within(max(short, longer), longest)
+    with_short = quant_or_none(sizes, context=short_context)
+    with_long = quant_or_none(sizes, context=long_context)
+    assert with_short is not None and with_long is not None and KL[with_short] <= KL[with_long]
+
+
+@st.composite
+def plan_requests(draw: st.DrawFn) -> tuple[list[int], PlanRequest]:
+    """Any GPUs and request under which something fits (the context is drawn within reach)."""
+    headroom = draw(st.one_of(st.none(), st.integers(0, 4096)))
+    sizes = draw(hosts(headroom_mib=headroom or 0))
+    cache = draw(st.sampled_from(["auto", "FP16", "8,8", "6,5", "5,4", "4,4", "2,2"]))
+    split = draw(st.sampled_from(["auto", "tp", "layer"])) if len(sizes) > 1 else "auto"
+    longest = reach(sizes, "2,2" if cache == "auto" else cache, split, headroom)
+    default_fits = longest >= PROFILE.serving.default_min_context
+    context = (
+        draw(st.one_of(st.none(), fractions.map(lambda f: context_within(f, longest))))
+        if default_fits
+        else (context_within(draw(fractions), longest))
+    )
+    return sizes, PlanRequest(context=context, cache=cache, split=split, headroom_mib=headroom)
 
 
 @PROPERTY
-@given(
-    sizes=st.lists(gpu_sizes, min_size=1, max_size=8),
-    context=st.one_of(st.none(), contexts),
-    cache=st.sampled_from(["auto", "FP16", "8,8", "6,5", "5,4", "4,4", "2,2"]),
-    split=st.sampled_from(["auto", "tp", "layer"]),
-    headroom=st.one_of(st.none(), st.integers(0, 4096)),
-)
-def test_no_plan_overfills_a_gpu_and_cache_is_whole_pages(
-    sizes: list[int], context: int | None, cache: str, split: str, headroom: int | None
-) -> None:
-    request = PlanRequest(
-        context=context, cache=cache, split=split if len(sizes) > 1 else "auto", headroom_mib=headroom
-    )
-    try:
-        plan = make_plan(PROFILE, inventory_of(sizes), request)
-    except NoFit:
-        return
+@given(case=plan_requests())
+def test_no_plan_overfills_a_gpu_and_cache_is_whole_pages(case: tuple[list[int], PlanRequest]) -> None:
+    sizes, request = case
+    plan = make_plan(PROFILE, inventory_of(sizes), request)
     assert_within_usable(plan)
     assert plan.cache_size % 256 == 0 and plan.context <= plan.cache_size < plan.context + 256
     assert plan.context <= plan.max_context <= MAX_CONTEXT
-    if context is not None:
-        assert plan.context == context
-    if cache != "auto":
-        assert plan.cache_mode == memory.parse_cache_mode(cache).label
+    if request.context is not None:
+        assert plan.context == request.context
+    if request.cache != "auto":
+        assert plan.cache_mode == memory.parse_cache_mode(request.cache).label
 
 
 def test_every_plan_keeps_the_overhead_of_the_profile() -> None:
