@@ -1,4 +1,5 @@
-"""Realistic Plans for the render tests, built directly (numbers in the shape `deploy plan --json` gives)."""
+"""Plans and hosts for the render tests: plans built directly (numbers in the shape `deploy plan --json` gives) and
+NVML-like hosts to plan for."""
 
 from __future__ import annotations
 
@@ -24,22 +25,17 @@ CARDS = {
 }
 
 
-def make_plan(
+def host(
     gpus: int,
-    split: str,
     card: str = "rtx4090",
     *,
-    quant: str = "3.84bpw-tuned",
-    weights_gib: float = 158.0,
-    context: int = 65536,
-    cache_mode: str = "6,5",
     driver_cuda: str | None = "12.8",
     with_uuids: bool = True,
     with_cc: bool = True,
-) -> Plan:
-    """A plan for `gpus` identical cards; layer split spreads weights evenly and carries gpu_split in GB."""
+) -> GpuInventory:
+    """`gpus` identical cards as NVML reports them (UUIDs, compute capability, 512 MiB in use), or as a spec."""
     name, total_mib, cc = CARDS[card]
-    inventory = GpuInventory(
+    return GpuInventory(
         gpus=tuple(
             Gpu(
                 index=i,
@@ -57,6 +53,24 @@ def make_plan(
         driver_version="570.124.06" if driver_cuda else None,
         cuda_driver_version=driver_cuda,
     )
+
+
+def make_plan(
+    gpus: int,
+    split: str,
+    card: str = "rtx4090",
+    *,
+    quant: str = "3.84bpw-tuned",
+    weights_gib: float = 158.0,
+    context: int = 65536,
+    cache_mode: str = "6,5",
+    driver_cuda: str | None = "12.8",
+    with_uuids: bool = True,
+    with_cc: bool = True,
+) -> Plan:
+    """A plan for `gpus` identical cards; layer split spreads weights evenly and carries gpu_split in GB."""
+    inventory = host(gpus, card, driver_cuda=driver_cuda, with_uuids=with_uuids, with_cc=with_cc)
+    total_mib = CARDS[card][1]
     weights_mib = int(weights_gib * 1024 / gpus)
     cache_mib = 4096
     per_gpu = tuple(

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.render_plans import SERVING, make_plan
+from tests.unit.render_plans import SERVING, host, make_plan
+from toolkit.detect.inventory import GpuInventory
+from toolkit.facts.profiles import load_profile
+from toolkit.plan.plan import Plan, PlanRequest
+from toolkit.plan.planner import make_plan as plan_with_planner
 from toolkit.render.bundle import API_TOKENS, RenderOptions, render_files
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -21,19 +25,18 @@ UPDATE = os.environ.get("GLM_DEPLOY_UPDATE_GOLDEN") == "1"
 # file.
 TOKENS = "api_key: 00000000000000000000000000000000\nadmin_key: 11111111111111111111111111111111\n"
 
+
+def planned(inventory: GpuInventory, request: PlanRequest) -> Plan:
+    """A reference plan as the planner makes it (so a golden never shows a plan `deploy plan` would not give)."""
+    return plan_with_planner(load_profile("glm-4.7"), inventory, request)
+
+
 REFERENCES = {
-    # 8 x RTX 4090, layer split, CUDA 12.8 driver: the consumer multi-GPU case.
-    "8x24GiB-layer": make_plan(
-        8,
-        "layer",
-        "rtx4090",
-        quant="3.84bpw-tuned",
-        weights_gib=158.0,
-        context=65536,
-        cache_mode="6,5",
-        driver_cuda="12.8",
-    ),
-    # 2 x H200, tensor parallel, CUDA 13.2 driver: the datacenter case, full context.
+    # 8 x RTX 4090 (as NVML reports them, CUDA 12.8 driver), `deploy plan --split layer`: the consumer multi-GPU
+    # case, planned by the planner itself (it picks 3.15bpw-tuned, cache 8,8, 131072 tokens).
+    "8x24GiB-layer": planned(host(8, "rtx4090", driver_cuda="12.8"), PlanRequest(split="layer")),
+    # 2 x H200, tensor parallel, CUDA 13.2 driver: the datacenter case, full context (a hand-built plan; its
+    # quant, context, cache mode and split are what `deploy plan --quant 5bpw_H8 --context max` gives).
     "2xH200-tp": make_plan(
         2,
         "tp",
