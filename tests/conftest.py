@@ -43,3 +43,14 @@ def docker_client():
 def test_base_image(docker_client) -> str:
     """Name of the locally made base image (debootstrap + docker import)."""
     return TEST_BASE_IMAGE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses the Docker engine must carry the docker mark (so `-m "not docker"` really leaves it out)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "docker_client" in getattr(item, "fixturenames", ()) and item.get_closest_marker("docker") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("Docker tests without the docker mark: " + ", ".join(unmarked))

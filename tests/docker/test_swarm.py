@@ -332,7 +332,7 @@ def test_generic_resource_claims_place_or_refuse_services(site):
             "the 2-GPU claim to be refused",
             site.diagnose,
         )
-        time.sleep(3)
+        time.sleep(3)  # a negative check: still pending a while after the refusal (nothing to poll for)
         assert state(too_many)[0] == "pending"
         (claimed,) = _gpu_claims(site.client.api.tasks(filters={"service": fits})[0])
         stack_gpus = {
@@ -383,12 +383,13 @@ def test_a_plan_change_rolls_out_without_a_failed_request(site, monkeypatch, cap
     poller.start()
     started = time.monotonic()
     try:
-        time.sleep(2)
+        _wait(lambda: results["ok"] >= 20, 60, "the client to get going", site.diagnose)
         old_tasks = {t["ID"] for service in site.services() for t in site.running_tasks(service)}
         site.write_fleet(context=65536)
         site.render_and_deploy()
         _wait(lambda: site.converged(65536), 240, "the rolling update to complete", site.diagnose)
-        time.sleep(2)
+        served = results["ok"]
+        _wait(lambda: results["ok"] >= served + 20, 60, "requests after the update", site.diagnose)
     finally:
         stop.set()
         poller.join(timeout=30)

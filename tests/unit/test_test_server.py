@@ -127,6 +127,23 @@ def test_context_overflow_is_rejected(server):
     assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 10**6}).status_code == 400
 
 
+def _poll(condition, timeout_s: float = 30.0) -> bool:
+    """True as soon as condition() holds (polled every 50 ms), False after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _health_status(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/health").status_code
+    except httpx.ConnectError:
+        return None
+
+
 def test_open_port_answers_503_until_the_model_is_loaded(tmp_path):
     server = testing.start(
         tmp_path, api_key=KEY, test_server={"load_delay_s": 1.0, "port_during_load": "open"}
@@ -135,8 +152,9 @@ def test_open_port_answers_503_until_the_model_is_loaded(tmp_path):
         early = httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY})
         assert early.status_code == 503 and early.json() == {"detail": "No models are currently loaded."}
         assert httpx.get(f"{server.url}/health").status_code == 200
-        time.sleep(1.5)
-        assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+        assert _poll(
+            lambda: httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+        )
     finally:
         server.stop()
 
@@ -146,8 +164,7 @@ def test_closed_port_during_load_like_tabbyapi(tmp_path):
     try:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health")
-        time.sleep(1.5)
-        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert _poll(lambda: _health_status(server.url) == 200)
     finally:
         server.stop()
 
