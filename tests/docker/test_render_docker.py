@@ -16,8 +16,8 @@ import docker.errors
 import pytest
 import yaml
 
-from tests.unit.render_plans import SERVING, make_plan
-from tests.unit.tabby_fixture import build_tabby_fixture
+from tests.unit.render.render_plans import SERVING, make_plan
+from tests.unit.render.tabby_fixture import build_tabby_fixture
 from toolkit.render.bundle import RenderOptions, render_bundle
 from toolkit.render.dockerfile import start_period_s
 

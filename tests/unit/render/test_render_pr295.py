@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.render_plans import SERVING, make_plan
-from tests.unit.tabby_fixture import TabbyFixture, build_tabby_fixture, clean_git_env, git
+from tests.unit.render.render_plans import SERVING, make_plan
+from tests.unit.render.tabby_fixture import TabbyFixture, build_tabby_fixture, clean_git_env, git
 from toolkit.render.bundle import RenderOptions, render_bundle
 
 

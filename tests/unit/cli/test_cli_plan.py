@@ -11,7 +11,7 @@ import pytest
 
 from toolkit.plan.plan import Plan
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HEAVY_MODULES = ("docker", "httpx", "huggingface_hub", "numpy", "jinja2")
 
 

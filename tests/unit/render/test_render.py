@@ -15,7 +15,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from tests.unit.render_plans import SERVING, make_plan
+from tests.unit.render.render_plans import SERVING, make_plan
 from toolkit.cli import main
 from toolkit.errors import BadInput, EnvironmentMissing
 from toolkit.facts.tabby_pin import choose_cuda, load_tabby_pin

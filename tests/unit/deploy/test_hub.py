@@ -17,7 +17,7 @@ from toolkit.deploy import hub as hubmod
 from toolkit.errors import BadInput, EnvironmentMissing
 
 REPO = "mratsim/GLM-4.7-EXL3"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MIB = 2**20
 
 

@@ -16,7 +16,7 @@ from toolkit.errors import BadInput
 from toolkit.facts.paths import PROFILES_DIR
 from toolkit.facts.profiles import load_profile, parse_profile
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SOURCE = PROFILES_DIR / "glm-4.7.yaml"
 RAW = yaml.safe_load(SOURCE.read_text())
 

@@ -1,8 +1,8 @@
 """Golden files: the full rendering of two reference plans, reviewed by eye once.
 
 Regenerate after an intended change with
-    GLM_DEPLOY_UPDATE_GOLDEN=1 python3 -m pytest tests/unit/test_render_golden.py
-and review the diff (git diff tests/unit/golden/) before committing it.
+    GLM_DEPLOY_UPDATE_GOLDEN=1 python3 -m pytest tests/unit/render/test_render_golden.py
+and review the diff (git diff tests/unit/render/golden/) before committing it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.render_plans import SERVING, host, make_plan
+from tests.unit.render.render_plans import SERVING, host, make_plan
 from toolkit.detect.inventory import GpuInventory
 from toolkit.facts.profiles import load_profile
 from toolkit.plan.plan import Plan, PlanRequest

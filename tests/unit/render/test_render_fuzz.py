@@ -17,7 +17,7 @@ from dockerfile_parse import DockerfileParser
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.render_plans import SERVING, make_plan
+from tests.unit.render.render_plans import SERVING, make_plan
 from toolkit.errors import ToolkitError
 from toolkit.facts.tabby_pin import load_tabby_pin
 from toolkit.render.bundle import RenderOptions, render_files
