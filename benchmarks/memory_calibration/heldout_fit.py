@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from toolkit.profiles import ModelProfile, parse_profile
 
-from toolkit import memory
+from toolkit.facts.profiles import ModelProfile, parse_profile
+from toolkit.plan import memory
 
 HERE = Path(__file__).resolve().parent
 SNAP = HERE.parents[1] / ".dev/snap"
