@@ -58,3 +58,14 @@ def test_tools_image(docker_client) -> str:
             pytest.fail(f"GLM_DEPLOY_REQUIRE_DOCKER=1 but {problem}")
         pytest.skip(problem)
     return TEST_TOOLS_IMAGE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses the Docker engine must carry the docker mark (so `-m "not docker"` really leaves it out)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "docker_client" in getattr(item, "fixturenames", ()) and item.get_closest_marker("docker") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("Docker tests without the docker mark: " + ", ".join(unmarked))

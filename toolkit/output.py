@@ -1,9 +1,11 @@
-"""One output layer: the same result as a rich table for people or as JSON for machines."""
+"""One output layer: the same result as a rich table for people or as JSON for machines; progress on stderr."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -22,3 +24,37 @@ def console() -> Console:
 def status_console() -> Console:
     """Progress and notes on stderr, so stdout stays clean for pipes and --json."""
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Progress:
+    """Notes and a live status line on stderr (plain lines when stderr is not a terminal, nothing with --quiet)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.console = status_console()
+        self.quiet = quiet
+        self.live = self.console.is_terminal and not quiet
+        self._status: Any = None
+        self._last = ""
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, markup=False, highlight=False)
+
+    def warn(self, text: str) -> None:
+        """A note that is always shown (stderr), --json or not: something changed from what was asked."""
+        self.console.print(text, markup=False, highlight=False)
+
+    @contextmanager
+    def status(self, text: str) -> Iterator[Callable[[str], None]]:
+        """A spinner line that update() rewrites; in logs, each distinct update once."""
+        self.note(text)
+        if not self.live:
+            yield self._plain_update
+            return
+        with self.console.status(text) as status:
+            yield lambda line: status.update(f"{text}  {line[-150:]}")
+
+    def _plain_update(self, line: str) -> None:
+        if line != self._last and not self.quiet:
+            self._last = line
+            self.console.print(f"  {line[-200:]}", markup=False, highlight=False)

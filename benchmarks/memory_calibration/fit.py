@@ -1,5 +1,5 @@
 """Fit the planner's per-GPU overhead terms to the measured loads (results.json) and compare the planner's
-predictions (toolkit/memory.py with profiles/glm-4.7.yaml's terms) with what each GPU needed.
+predictions (toolkit/plan/memory.py with profiles/glm-4.7.yaml's terms) with what each GPU needed.
 
 Runs anywhere (no GPU): `python3 benchmarks/memory_calibration/fit.py [--write RESULTS.md]`.
 Per GPU, "needed" is the larger of
@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit import memory
-from toolkit.profiles import ModelProfile, parse_profile
+from toolkit.facts.profiles import ModelProfile, parse_profile
+from toolkit.plan import memory
 
 MIB = 2**20
 LOADER_MARGIN_MIB = 256  # exllamav3 model_ls.py EXL3_AUTOSPLIT_MARGIN_MB default
@@ -44,8 +44,11 @@ def exl3_bytes(in_f: int, out_f: int, bits: int, bias: bool = False) -> int:
 
 def slice_components() -> dict[str, int]:
     """Bytes of each part of the slice that exllamav3 places or splits as a unit."""
-    attention = (exl3_bytes(HIDDEN, Q_HEADS * HEAD_DIM, BITS, True) + 2 * exl3_bytes(HIDDEN, KV_HEADS * HEAD_DIM, BITS, True)
-                 + exl3_bytes(Q_HEADS * HEAD_DIM, HIDDEN, BITS))
+    attention = (
+        exl3_bytes(HIDDEN, Q_HEADS * HEAD_DIM, BITS, True)
+        + 2 * exl3_bytes(HIDDEN, KV_HEADS * HEAD_DIM, BITS, True)
+        + exl3_bytes(Q_HEADS * HEAD_DIM, HIDDEN, BITS)
+    )
     expert = 2 * exl3_bytes(HIDDEN, MOE_I, BITS) + exl3_bytes(MOE_I, HIDDEN, BITS)
     return {
         "norms": 2 * HIDDEN * 2,
@@ -74,14 +77,14 @@ def cache_layer_bytes(mode: str, tokens: int) -> float:
 class GpuRow:
     """One GPU of one measured configuration."""
 
-    source: str            # tabby | probe
+    source: str  # tabby | probe
     config: dict[str, Any]
     gpu: int
-    role: str              # single | layer-first | layer-last | tp-output | tp-other
-    weights: float         # bytes actually there
+    role: str  # single | layer-first | layer-last | tp-output | tp-other
+    weights: float  # bytes actually there
     cache: float
-    after_load: float      # NVML delta MiB
-    runtime: float         # NVML delta MiB, max over the generation phases
+    after_load: float  # NVML delta MiB
+    runtime: float  # NVML delta MiB, max over the generation phases
     loader_need: float | None
 
     @property
@@ -101,8 +104,12 @@ def placement(cfg: dict[str, Any], probes: dict[str, dict[str, Any]]) -> list[li
     """Layers on each GPU for single / layer-split loads (the head goes with the last)."""
     if cfg["split"] != "layer":
         return [[0, 1, 2]]
-    first_moved = next(int(m.split()[0].split(".")[2]) for p in probes.values() if p["config"]["gpu_split"] == cfg["gpu_split"]
-                       for m in p.get("loader_did_not_fit", []))
+    first_moved = next(
+        int(m.split()[0].split(".")[2])
+        for p in probes.values()
+        if p["config"]["gpu_split"] == cfg["gpu_split"]
+        for m in p.get("loader_did_not_fit", [])
+    )
     return [list(range(first_moved)), list(range(first_moved, 3))]
 
 
@@ -138,14 +145,26 @@ def gpu_rows(results: dict[str, Any]) -> list[GpuRow]:
     tp_table = next(r["tp_split_table"] for r in probes.values() if "tp_split_table" in r)
     rows: list[GpuRow] = []
     for rec in records:
-        if rec["kind"] not in ("tabby", "probe") or rec.get("error") or (rec["kind"] == "probe" and "phases" not in rec):
+        if (
+            rec["kind"] not in ("tabby", "probe")
+            or rec.get("error")
+            or (rec["kind"] == "probe" and "phases" not in rec)
+        ):
             continue
         cfg = rec["config"]
         gpus = len(cfg["gpus"].split(","))
         if rec["kind"] == "tabby":
             after_load = rec["after_load_delta_mib"]
-            gen = [rec.get(k) for k in ("after_gen1_delta_mib", "after_gen2_delta_mib", "peak_during_gen1_delta_mib",
-                                        "peak_during_gen2_delta_mib") if rec.get(k)]
+            gen = [
+                rec.get(k)
+                for k in (
+                    "after_gen1_delta_mib",
+                    "after_gen2_delta_mib",
+                    "peak_during_gen1_delta_mib",
+                    "peak_during_gen2_delta_mib",
+                )
+                if rec.get(k)
+            ]
         else:
             phases = {p["phase"]: p for p in rec["phases"]}
             after_load = phases["after_load"]["nvml_delta_mib"]
@@ -156,8 +175,19 @@ def gpu_rows(results: dict[str, Any]) -> list[GpuRow]:
         if cfg["split"] == "tp":
             weights = tp_weights(parts, tp_table)
             for i in range(gpus):
-                rows.append(GpuRow(rec["kind"], cfg, i, "tp-output" if i == 0 else "tp-other", weights[i],
-                                   3 * layer_cache / 2, after_load[i], runtime[i], None))
+                rows.append(
+                    GpuRow(
+                        rec["kind"],
+                        cfg,
+                        i,
+                        "tp-output" if i == 0 else "tp-other",
+                        weights[i],
+                        3 * layer_cache / 2,
+                        after_load[i],
+                        runtime[i],
+                        None,
+                    )
+                )
             continue
         layout = placement(cfg, probes)
         for i, layers in enumerate(layout):
@@ -170,8 +200,19 @@ def gpu_rows(results: dict[str, Any]) -> list[GpuRow]:
                 j = min(i, len(load["torch_reserved_mib"]) - 1)
                 slack = load["torch_reserved_mib"][j] - load["torch_allocated_mib"][j]
                 need = after_load[i] - slack + probe["loader_largest_transient_mib"][j] + LOADER_MARGIN_MIB
-            rows.append(GpuRow(rec["kind"], cfg, i, role, weights, len(layers) * layer_cache, after_load[i],
-                               runtime[i], need))
+            rows.append(
+                GpuRow(
+                    rec["kind"],
+                    cfg,
+                    i,
+                    role,
+                    weights,
+                    len(layers) * layer_cache,
+                    after_load[i],
+                    runtime[i],
+                    need,
+                )
+            )
     return rows
 
 
@@ -181,24 +222,42 @@ def _family_probe(cfg: dict[str, Any], probes: dict[str, dict[str, Any]]) -> dic
     Its after-load pool slack stands in for the TabbyAPI load's (same loader, same allocator), which NVML cannot see.
     """
     split = "single" if cfg["split"] == "autosplit" else cfg["split"]  # autosplit put everything on GPU 0
-    same = [p for p in probes.values() if p["config"]["split"] == split and p["config"]["chunk_size"] ==
-            cfg["chunk_size"] and p["config"]["gpu_split"] == cfg["gpu_split"]]
-    return min(same, key=lambda p: p["phases"][0]["torch_reserved_mib"][0] - p["phases"][0]["torch_allocated_mib"][0])
+    same = [
+        p
+        for p in probes.values()
+        if p["config"]["split"] == split
+        and p["config"]["chunk_size"] == cfg["chunk_size"]
+        and p["config"]["gpu_split"] == cfg["gpu_split"]
+    ]
+    return min(
+        same, key=lambda p: p["phases"][0]["torch_reserved_mib"][0] - p["phases"][0]["torch_allocated_mib"][0]
+    )
 
 
 def fit_terms(results: dict[str, Any], rows: list[GpuRow]) -> dict[str, float]:
     """Each term as the smallest value that covers every measurement it applies to (see RESULTS.md)."""
     probes = [r for r in results["records"] if r["kind"] == "probe" and "phases" in r]
-    base = max(ph["nvml_delta_mib"][0] - ph["torch_reserved_mib"][0]
-               for p in probes if p["config"]["split"] != "tp" for ph in p["phases"])
-    transient = {p["config"]["chunk_size"]: p["loader_largest_transient_mib"][0] for p in probes
-                 if p["config"]["split"] == "single" and p["config"]["cache_mode"] == "FP16"}
+    base = max(
+        ph["nvml_delta_mib"][0] - ph["torch_reserved_mib"][0]
+        for p in probes
+        if p["config"]["split"] != "tp"
+        for ph in p["phases"]
+    )
+    transient = {
+        p["config"]["chunk_size"]: p["loader_largest_transient_mib"][0]
+        for p in probes
+        if p["config"]["split"] == "single" and p["config"]["cache_mode"] == "FP16"
+    }
     slope = (transient[4096] - transient[512]) / (4096 - 512)
     statics = []
     for p in probes:
         if p["config"]["split"] not in ("single", "layer"):
             continue
-        match = [r for r in rows if r.source == "probe" and r.config["name"] == p["config"]["name"] and r.loader_need]
+        match = [
+            r
+            for r in rows
+            if r.source == "probe" and r.config["name"] == p["config"]["name"] and r.loader_need
+        ]
         for r in match:
             j = min(r.gpu, len(p["phases"][0]["torch_allocated_mib"]) - 1)
             statics.append(p["phases"][0]["torch_allocated_mib"][j] - (r.weights + r.cache) / MIB)
@@ -213,14 +272,25 @@ def fit_terms(results: dict[str, Any], rows: list[GpuRow]) -> dict[str, float]:
     output = worst(("single", "layer-last"), False)  # the GPU the loader finishes on
     tensor_parallel = worst(("tp-output", "tp-other"), False)
     spill = worst(("layer-first",), False)  # GPUs the loader moved past
-    role_term = {"single": output, "tp-output": tensor_parallel, "tp-other": tensor_parallel,
-                 "layer-first": spill, "layer-last": output}
+    role_term = {
+        "single": output,
+        "tp-output": tensor_parallel,
+        "tp-other": tensor_parallel,
+        "layer-first": spill,
+        "layer-last": output,
+    }
     staging = max(0.0, max(r.overhead - core(r) - role_term[r.role] for r in rows if r.quantized))
-    return {"base_mib": math.ceil(base), "resident_mib": math.ceil(resident),
-            "chunk_mib_per_token": math.ceil(slope * 10_000) / 10_000, "quant_cache_staging_mib": math.ceil(staging),
-            "output_gpu_mib": math.ceil(output), "tensor_parallel_mib": math.ceil(tensor_parallel),
-            "layer_spill_mib": math.ceil(spill),
-            "_transients_mib": transient, "_statics_mib": max(statics)}
+    return {
+        "base_mib": math.ceil(base),
+        "resident_mib": math.ceil(resident),
+        "chunk_mib_per_token": math.ceil(slope * 10_000) / 10_000,
+        "quant_cache_staging_mib": math.ceil(staging),
+        "output_gpu_mib": math.ceil(output),
+        "tensor_parallel_mib": math.ceil(tensor_parallel),
+        "layer_spill_mib": math.ceil(spill),
+        "_transients_mib": transient,
+        "_statics_mib": max(statics),
+    }
 
 
 def slice_profile() -> ModelProfile:
@@ -232,7 +302,7 @@ def slice_profile() -> ModelProfile:
 
 
 def predict(profile: ModelProfile, row_cfg: dict[str, Any]) -> memory.Placement:
-    """What toolkit/memory.py places on each GPU for a measured configuration."""
+    """What toolkit/plan/memory.py places on each GPU for a measured configuration."""
     quant = profile.quants[0]
     mode = memory.parse_cache_mode(row_cfg["cache_mode"])
     tokens, chunk = row_cfg["cache_size"], row_cfg["chunk_size"]
@@ -242,17 +312,23 @@ def predict(profile: ModelProfile, row_cfg: dict[str, Any]) -> memory.Placement:
     if row_cfg["split"] == "layer":
         # the usable memory whose gpu_split entry (layer_split_gib) is what the measured load was given
         entries = row_cfg["gpu_split"]
-        usable = [memory.outside_gpu_split_mib(profile, last=i == len(entries) - 1) + round(g * 1024)
-                  for i, g in enumerate(entries)]
+        usable = [
+            memory.outside_gpu_split_mib(profile, last=i == len(entries) - 1) + round(g * 1024)
+            for i, g in enumerate(entries)
+        ]
         return memory.place_layers(profile, quant, mode, tokens, usable, chunk)
     return memory.place_layers(profile, quant, mode, tokens, [big], chunk)
 
 
 def comparison(rows: list[GpuRow], profile: ModelProfile) -> tuple[list[str], int, int]:
     """Markdown rows: predicted vs needed per GPU, and how many are within max(3 %, 256 MiB)."""
-    lines = [("| source | config | GPU | role | weights+cache MiB (actual / predicted) | NVML after load | "
-              "NVML after gen | loader needs | needed | predicted | diff | within |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| source | config | GPU | role | weights+cache MiB (actual / predicted) | NVML after load | "
+            "NVML after gen | loader needs | needed | predicted | diff | within |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     ok = 0
     for r in rows:
         load = predict(profile, r.config).loads[r.gpu]
@@ -262,10 +338,12 @@ def comparison(rows: list[GpuRow], profile: ModelProfile) -> tuple[list[str], in
         within = abs(diff) <= tolerance
         ok += within
         actual_wc = (r.weights + r.cache) / MIB
-        lines.append(f"| {r.source} | {r.config['name']} | {r.gpu} | {r.role} | {actual_wc:.0f} / "
-                     f"{load.weights_mib + load.cache_mib} | {r.after_load:.0f} | {r.runtime:.0f} | "
-                     f"{'' if r.loader_need is None else f'{r.loader_need:.0f}'} | {r.needed:.0f} | {predicted} | "
-                     f"{diff:+.0f} | {'yes' if within else 'NO'} |")
+        lines.append(
+            f"| {r.source} | {r.config['name']} | {r.gpu} | {r.role} | {actual_wc:.0f} / "
+            f"{load.weights_mib + load.cache_mib} | {r.after_load:.0f} | {r.runtime:.0f} | "
+            f"{'' if r.loader_need is None else f'{r.loader_need:.0f}'} | {r.needed:.0f} | {predicted} | "
+            f"{diff:+.0f} | {'yes' if within else 'NO'} |"
+        )
     return lines, ok, len(rows)
 
 
@@ -280,7 +358,9 @@ def main() -> None:
     print("fitted terms:", json.dumps(terms))
     profile = slice_profile()
     used = profile.memory_overhead
-    differ = {k: (v, getattr(used, k)) for k, v in terms.items() if not k.startswith("_") and getattr(used, k) != v}
+    differ = {
+        k: (v, getattr(used, k)) for k, v in terms.items() if not k.startswith("_") and getattr(used, k) != v
+    }
     if differ:
         print("profiles/glm-4.7.yaml differs from the fit (fit, profile):", differ)
     lines, ok, total = comparison(rows, profile)

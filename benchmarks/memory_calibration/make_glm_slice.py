@@ -29,7 +29,7 @@ ROUTED_EXPERTS, SHARED_EXPERTS, TOP_K = 160, 1, 8
 VOCAB = 151552
 MAX_POSITIONS = 202752
 MUL1_MARKER = 0x83DCD12D  # exllamav3 quantize.py codebook_mul1_mult: the default (mul1) codebook's marker
-POOL_VALUES = 1 << 24      # random values are drawn once and repeated: memory only depends on shapes
+POOL_VALUES = 1 << 24  # random values are drawn once and repeated: memory only depends on shapes
 
 DTYPE_BYTES = {"I16": 2, "F16": 2, "BF16": 2, "F32": 4, "I32": 4}
 
@@ -91,10 +91,16 @@ def f16(values: np.ndarray) -> list[bytes | memoryview]:
     return [values.astype(np.float16).tobytes()]
 
 
-def add_exl3_linear(shard: Shard, pools: Pools, key: str, in_f: int, out_f: int, bits: int, bias: bool) -> None:
+def add_exl3_linear(
+    shard: Shard, pools: Pools, key: str, in_f: int, out_f: int, bits: int, bias: bool
+) -> None:
     """One EXL3 Linear as exllamav3's converter stores it (integer bitrate, mul1 codebook)."""
-    shard.add(f"{key}.trellis", "I16", [in_f // 16, out_f // 16, 16 * bits],
-              Pools.repeat(pools.trellis, in_f * out_f * bits // 8))
+    shard.add(
+        f"{key}.trellis",
+        "I16",
+        [in_f // 16, out_f // 16, 16 * bits],
+        Pools.repeat(pools.trellis, in_f * out_f * bits // 8),
+    )
     shard.add(f"{key}.suh", "F16", [in_f], f16(pools.signs[:in_f]))
     shard.add(f"{key}.svh", "F16", [out_f], f16(pools.signs[:out_f].astype(np.float32) / np.sqrt(in_f)))
     shard.add(f"{key}.mul1", "I32", [], [np.array([MUL1_MARKER], dtype=np.uint32).tobytes()])
@@ -114,14 +120,25 @@ def layer_shard(pools: Pools, idx: int, dense: bool, bits: int) -> Shard:
     add_exl3_linear(shard, pools, a + "o_proj", Q_HEADS * HEAD_DIM, HIDDEN, bits, bias=False)
     m = p + "mlp."
     if dense:
-        for name, i, o in (("gate_proj", HIDDEN, DENSE_INTERMEDIATE), ("up_proj", HIDDEN, DENSE_INTERMEDIATE),
-                           ("down_proj", DENSE_INTERMEDIATE, HIDDEN)):
+        for name, i, o in (
+            ("gate_proj", HIDDEN, DENSE_INTERMEDIATE),
+            ("up_proj", HIDDEN, DENSE_INTERMEDIATE),
+            ("down_proj", DENSE_INTERMEDIATE, HIDDEN),
+        ):
             add_exl3_linear(shard, pools, m + name, i, o, bits, bias=False)
         return shard
-    shard.add(m + "gate.weight", "F16", [ROUTED_EXPERTS, HIDDEN],
-              Pools.repeat(pools.f16_small, ROUTED_EXPERTS * HIDDEN * 2))
-    shard.add(m + "gate.e_score_correction_bias", "F32", [ROUTED_EXPERTS],
-              [np.zeros(ROUTED_EXPERTS, dtype=np.float32).tobytes()])
+    shard.add(
+        m + "gate.weight",
+        "F16",
+        [ROUTED_EXPERTS, HIDDEN],
+        Pools.repeat(pools.f16_small, ROUTED_EXPERTS * HIDDEN * 2),
+    )
+    shard.add(
+        m + "gate.e_score_correction_bias",
+        "F32",
+        [ROUTED_EXPERTS],
+        [np.zeros(ROUTED_EXPERTS, dtype=np.float32).tobytes()],
+    )
     prefixes = [f"{m}experts.{e}." for e in range(ROUTED_EXPERTS)] + [m + "shared_experts."]
     for x in prefixes:
         add_exl3_linear(shard, pools, x + "gate_proj", HIDDEN, MOE_INTERMEDIATE, bits, bias=False)
@@ -133,19 +150,43 @@ def layer_shard(pools: Pools, idx: int, dense: bool, bits: int) -> Shard:
 def config_json(layers: int, dense: int, bits: int, head_bits: int) -> dict[str, object]:
     """GLM-4.7's config.json with the slice's layer count and an EXL3 quantization_config."""
     return {
-        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": HIDDEN,
-        "num_hidden_layers": layers, "num_attention_heads": Q_HEADS, "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM, "partial_rotary_factor": 0.5, "intermediate_size": DENSE_INTERMEDIATE,
-        "moe_intermediate_size": MOE_INTERMEDIATE, "n_routed_experts": ROUTED_EXPERTS,
-        "n_shared_experts": SHARED_EXPERTS, "num_experts_per_tok": TOP_K, "first_k_dense_replace": dense,
-        "vocab_size": VOCAB, "max_position_embeddings": MAX_POSITIONS, "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0, "hidden_act": "silu", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
-        "n_group": 1, "topk_group": 1, "use_qk_norm": False, "attention_bias": True,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 0,
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": layers,
+        "num_attention_heads": Q_HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "partial_rotary_factor": 0.5,
+        "intermediate_size": DENSE_INTERMEDIATE,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "n_routed_experts": ROUTED_EXPERTS,
+        "n_shared_experts": SHARED_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "first_k_dense_replace": dense,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "hidden_act": "silu",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "n_group": 1,
+        "topk_group": 1,
+        "use_qk_norm": False,
+        "attention_bias": True,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "eos_token_id": 0,
         "num_nextn_predict_layers": 0,
-        "quantization_config": {"quant_method": "exl3", "version": "1.6.5", "bits": float(bits),
-                                "head_bits": head_bits, "codebook": "mul1",
-                                "note": "synthesized by benchmarks/memory_calibration/make_glm_slice.py"},
+        "quantization_config": {
+            "quant_method": "exl3",
+            "version": "1.6.5",
+            "bits": float(bits),
+            "head_bits": head_bits,
+            "codebook": "mul1",
+            "note": "synthesized by benchmarks/memory_calibration/make_glm_slice.py",
+        },
     }
 
 
@@ -161,22 +202,35 @@ def write_tokenizer(out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>", "[gMASK]", "<sop>",
-                                                                    "<think>", "</think>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text[i:i + 20000] for i in range(0, len(text), 20000)], trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        special_tokens=["<|endoftext|>", "[gMASK]", "<sop>", "<think>", "</think>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text[i : i + 20000] for i in range(0, len(text), 20000)], trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "model_max_length": MAX_POSITIONS,
-        "chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}<|assistant|>\n"}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "model_max_length": MAX_POSITIONS,
+                "chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}<|assistant|>\n",
+            }
+        )
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--dense", type=int, default=1, help="dense layers first (GLM-4.7: first_k_dense_replace)")
+    parser.add_argument(
+        "--dense", type=int, default=1, help="dense layers first (GLM-4.7: first_k_dense_replace)"
+    )
     parser.add_argument("--moe", type=int, default=2, help="MoE layers after them")
-    parser.add_argument("--bits", type=int, default=4, choices=range(1, 9), help="bits per weight of every Linear")
+    parser.add_argument(
+        "--bits", type=int, default=4, choices=range(1, 9), help="bits per weight of every Linear"
+    )
     parser.add_argument("--head-bits", type=int, default=6, choices=range(1, 9))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -186,7 +240,12 @@ def main() -> None:
     pools = Pools(args.seed)
 
     head = Shard()
-    head.add("model.embed_tokens.weight", "BF16", [VOCAB, HIDDEN], Pools.repeat(pools.bf16_normal, VOCAB * HIDDEN * 2))
+    head.add(
+        "model.embed_tokens.weight",
+        "BF16",
+        [VOCAB, HIDDEN],
+        Pools.repeat(pools.bf16_normal, VOCAB * HIDDEN * 2),
+    )
     head.add("model.norm.weight", "F16", [HIDDEN], f16(np.ones(HIDDEN)))
     add_exl3_linear(head, pools, "lm_head", HIDDEN, VOCAB, args.head_bits, bias=False)
     shards = [layer_shard(pools, i, i < args.dense, args.bits) for i in range(layers)] + [head]
@@ -200,11 +259,17 @@ def main() -> None:
         weight_map.update({entry[0]: name for entry in shard.entries})
         print(f"wrote {name}: {shard.nbytes() / 2**30:.3f} GiB", flush=True)
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (out / "config.json").write_text(json.dumps(config_json(layers, args.dense, args.bits, args.head_bits), indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
+    (out / "config.json").write_text(
+        json.dumps(config_json(layers, args.dense, args.bits, args.head_bits), indent=1)
+    )
     write_tokenizer(out)
-    print(f"slice: {layers} layers ({args.dense} dense), {args.bits} bpw, head {args.head_bits} bits, "
-          f"{total / 2**30:.3f} GiB in {len(shards)} files -> {out}", flush=True)
+    print(
+        f"slice: {layers} layers ({args.dense} dense), {args.bits} bpw, head {args.head_bits} bits, "
+        f"{total / 2**30:.3f} GiB in {len(shards)} files -> {out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

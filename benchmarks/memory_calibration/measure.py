@@ -34,13 +34,13 @@ class LoadConfig:
     """One TabbyAPI load to measure: GPUs, split, cache size and mode, chunk size."""
 
     name: str
-    gpus: str                    # CUDA_VISIBLE_DEVICES
-    split: str                   # single | tp | layer | autosplit
+    gpus: str  # CUDA_VISIBLE_DEVICES
+    split: str  # single | tp | layer | autosplit
     cache_size: int
-    cache_mode: str              # "FP16" or "k,v"
+    cache_mode: str  # "FP16" or "k,v"
     chunk_size: int = 2048
     gpu_split: list[float] = field(default_factory=list)  # GB per GPU (layer split), TabbyAPI's gpu_split
-    context: int = 0             # probes only: tokens of prompt (0: one chunk), to see long-context transients
+    context: int = 0  # probes only: tokens of prompt (0: one chunk), to see long-context transients
 
 
 # In priority order: a run that hits its deadline loses the least informative loads.
@@ -71,9 +71,20 @@ CONFIGS += [
     LoadConfig("1gpu-q88-256k-ctx128k", "0", "single", 262144, "8,8", context=131072),
     LoadConfig("2gpu-tp-q54-256k-ctx128k", "0,1", "tp", 262144, "5,4", context=131072),
 ]
-PROBES = ["1gpu-fp16-8k", "1gpu-fp16-8k-chunk512", "1gpu-fp16-8k-chunk4096", "1gpu-q54-256k", "2gpu-tp-fp16-64k",
-          "2gpu-layer-fp16-64k", "2gpu-layer5-fp16-64k", "1gpu-fp16-256k-ctx128k", "1gpu-q54-256k-ctx128k",
-          "1gpu-q54-256k-ctx250k", "1gpu-q88-256k-ctx128k", "2gpu-tp-q54-256k-ctx128k"]
+PROBES = [
+    "1gpu-fp16-8k",
+    "1gpu-fp16-8k-chunk512",
+    "1gpu-fp16-8k-chunk4096",
+    "1gpu-q54-256k",
+    "2gpu-tp-fp16-64k",
+    "2gpu-layer-fp16-64k",
+    "2gpu-layer5-fp16-64k",
+    "1gpu-fp16-256k-ctx128k",
+    "1gpu-q54-256k-ctx128k",
+    "1gpu-q54-256k-ctx250k",
+    "1gpu-q88-256k-ctx128k",
+    "2gpu-tp-q54-256k-ctx128k",
+]
 
 
 class Nvml:
@@ -110,8 +121,13 @@ class Nvml:
         rows = []
         for i, h in enumerate(self.handles):
             name = self.nv.nvmlDeviceGetName(h)
-            rows.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                         "total_mib": int(self.nv.nvmlDeviceGetMemoryInfo(h).total) // MIB})
+            rows.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "total_mib": int(self.nv.nvmlDeviceGetMemoryInfo(h).total) // MIB,
+                }
+            )
         return rows
 
     def start_sampling(self) -> None:
@@ -173,9 +189,14 @@ def model_bytes(model: Path) -> dict[str, Any]:
             group = ".".join(parts[:3]) if name.startswith("model.layers.") else parts[0]
             per_layer[group] = per_layer.get(group, 0) + size
     config = json.loads((model / "config.json").read_text())
-    return {"total_bytes": total, "embedding_bytes": embed, "gpu_weight_bytes": total - embed,
-            "per_module_bytes": per_layer, "config": {k: v for k, v in config.items() if k != "quantization_config"},
-            "quantization_config": config.get("quantization_config")}
+    return {
+        "total_bytes": total,
+        "embedding_bytes": embed,
+        "gpu_weight_bytes": total - embed,
+        "per_module_bytes": per_layer,
+        "config": {k: v for k, v in config.items() if k != "quantization_config"},
+        "quantization_config": config.get("quantization_config"),
+    }
 
 
 def cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, mode: str) -> float:
@@ -201,7 +222,7 @@ class Prompts:
 
     def make(self, tokens: int, count: int) -> list[str]:
         """count texts of about `tokens` tokens, taken from different places of the text."""
-        return [self.tok.decode(self.ids[i * tokens:(i + 1) * tokens]) for i in range(1, count + 1)]
+        return [self.tok.decode(self.ids[i * tokens : (i + 1) * tokens]) for i in range(1, count + 1)]
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 10) -> tuple[int, Any]:
@@ -277,14 +298,25 @@ def measure_tabby(cfg: LoadConfig, args: argparse.Namespace, nvml: Nvml, texts: 
     log_path = args.out / "tabby.log"
     baseline = wait_released(nvml, nvml.used(), 5)
     record: dict[str, Any] = {"kind": "tabby", "config": asdict(cfg), "baseline_mib": mib(baseline)}
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=cfg.gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID", NCCL_NVLS_ENABLE="0",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES=cfg.gpus,
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+        NCCL_NVLS_ENABLE="0",
+        PYTHONUNBUFFERED="1",
+    )
     with open(log_path, "ab") as log:
         log.write(f"\n===== {cfg.name} {time.strftime('%H:%M:%S')} =====\n".encode())
         log.flush()
         t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "main.py", "--config", str(cfg_file)], cwd=tabby, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", "--config", str(cfg_file)],
+            cwd=tabby,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             nvml.start_sampling()
             base = f"http://127.0.0.1:{port}"
@@ -298,17 +330,30 @@ def measure_tabby(cfg: LoadConfig, args: argparse.Namespace, nvml: Nvml, texts: 
             if status != 200:
                 record["error"] = f"not ready: status {status}, exit {proc.poll()}, {str(body)[:300]}"
                 return record
-            record["model_parameters"] = {k: body["parameters"].get(k) for k in
-                                          ("max_seq_len", "cache_size", "cache_mode", "chunk_size", "max_batch_size")}
+            record["model_parameters"] = {
+                k: body["parameters"].get(k)
+                for k in ("max_seq_len", "cache_size", "cache_mode", "chunk_size", "max_batch_size")
+            }
             time.sleep(1.0)
             record["peak_during_load_mib"] = mib(nvml.reset_peak())
             record["after_load_mib"] = mib(nvml.used())
             record["processes_after_load"] = nvml.processes()
             for i, text in enumerate(texts, 1):
                 t1 = time.monotonic()
-                status, body = http("POST", base + "/v1/completions", {
-                    "model": args.model.name, "prompt": text, "max_tokens": 16, "temperature": 0.0,
-                    "top_p": 1.0, "top_k": 0, "min_p": 0.0}, timeout=120)
+                status, body = http(
+                    "POST",
+                    base + "/v1/completions",
+                    {
+                        "model": args.model.name,
+                        "prompt": text,
+                        "max_tokens": 16,
+                        "temperature": 0.0,
+                        "top_p": 1.0,
+                        "top_k": 0,
+                        "min_p": 0.0,
+                    },
+                    timeout=120,
+                )
                 time.sleep(0.5)
                 record[f"gen{i}_s"] = round(time.monotonic() - t1, 2)
                 record[f"peak_during_gen{i}_mib"] = mib(nvml.reset_peak())
@@ -324,7 +369,9 @@ def measure_tabby(cfg: LoadConfig, args: argparse.Namespace, nvml: Nvml, texts: 
             record["released_mib"] = mib(wait_released(nvml, baseline))
             record["wall_s"] = round(time.monotonic() - t0, 1)
     for key in [k for k in list(record) if k.endswith("_mib") and k not in ("baseline_mib", "released_mib")]:
-        record[key.replace("_mib", "_delta_mib")] = [round(a - b, 1) for a, b in zip(record[key], record["baseline_mib"])]
+        record[key.replace("_mib", "_delta_mib")] = [
+            round(a - b, 1) for a, b in zip(record[key], record["baseline_mib"])
+        ]
     return record
 
 
@@ -333,8 +380,15 @@ def run_tabby(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     nvml = Nvml()
     start = time.monotonic()
-    append(args.out, {"kind": "host", "gpus": nvml.info(), "baseline_mib": mib(nvml.used()),
-                      "model": model_bytes(args.model)})
+    append(
+        args.out,
+        {
+            "kind": "host",
+            "gpus": nvml.info(),
+            "baseline_mib": mib(nvml.used()),
+            "model": model_bytes(args.model),
+        },
+    )
     prompts = Prompts(args.model)
     only = set(args.only.split(",")) if args.only else None
     loaded_once = False
@@ -346,7 +400,9 @@ def run_tabby(args: argparse.Namespace) -> None:
             continue
         elapsed = time.monotonic() - start
         if elapsed > args.deadline_s:
-            append(args.out, {"kind": "skipped", "config": asdict(cfg), "reason": f"deadline at {elapsed:.0f} s"})
+            append(
+                args.out, {"kind": "skipped", "config": asdict(cfg), "reason": f"deadline at {elapsed:.0f} s"}
+            )
             continue
         print(f"--- {cfg.name} at {elapsed:.0f} s", flush=True)
         try:
@@ -385,10 +441,18 @@ def run_verify(args: argparse.Namespace) -> None:
         nvml.stop_sampling()
     finite = bool(torch.isfinite(logits).all().item())
     record = {
-        "kind": "direct", "device": "cuda:0", "cache_size": 8192, "cache_mode": "FP16", "chunk_tokens": 2048,
-        "load_s": round(time.monotonic() - t0, 1), "storage_info": list(bpw), "logits_shape": list(logits.shape),
-        "logits_finite": finite, "logits_std": float(logits.float().std().item()) if finite else None,
-        "baseline_mib": mib(baseline), "after_load_delta_mib": mib([a - b for a, b in zip(after_load, baseline)]),
+        "kind": "direct",
+        "device": "cuda:0",
+        "cache_size": 8192,
+        "cache_mode": "FP16",
+        "chunk_tokens": 2048,
+        "load_s": round(time.monotonic() - t0, 1),
+        "storage_info": list(bpw),
+        "logits_shape": list(logits.shape),
+        "logits_finite": finite,
+        "logits_std": float(logits.float().std().item()) if finite else None,
+        "baseline_mib": mib(baseline),
+        "after_load_delta_mib": mib([a - b for a, b in zip(after_load, baseline)]),
         "peak_during_forward_delta_mib": mib([a - b for a, b in zip(nvml.peak, baseline)]),
         "torch_max_allocated_mib": round(torch.cuda.max_memory_allocated(0) / MIB, 1),
         "torch_max_reserved_mib": round(torch.cuda.max_memory_reserved(0) / MIB, 1),
@@ -418,10 +482,13 @@ def probe_one(args: argparse.Namespace) -> None:
         for i in mine:
             torch.cuda.synchronize(i)
         used = nvml.used()
-        return {"phase": label, "nvml_delta_mib": [round((used[g] - baseline[g]) / MIB, 1) for g in visible],
-                "torch_allocated_mib": [round(torch.cuda.memory_allocated(i) / MIB, 1) for i in mine],
-                "torch_reserved_mib": [round(torch.cuda.memory_reserved(i) / MIB, 1) for i in mine],
-                "torch_peak_allocated_mib": [round(torch.cuda.max_memory_allocated(i) / MIB, 1) for i in mine]}
+        return {
+            "phase": label,
+            "nvml_delta_mib": [round((used[g] - baseline[g]) / MIB, 1) for g in visible],
+            "torch_allocated_mib": [round(torch.cuda.memory_allocated(i) / MIB, 1) for i in mine],
+            "torch_reserved_mib": [round(torch.cuda.memory_reserved(i) / MIB, 1) for i in mine],
+            "torch_peak_allocated_mib": [round(torch.cuda.max_memory_allocated(i) / MIB, 1) for i in mine],
+        }
 
     t0 = time.monotonic()
     config = Config.from_directory(str(args.model))
@@ -433,13 +500,20 @@ def probe_one(args: argparse.Namespace) -> None:
     cache = Cache(model, max_num_tokens=cfg.cache_size, **cache_args)
     # TabbyAPI backends/exllamav3/model.py: reserve 96 MB unless a manual gpu_split is given
     reserve = None if cfg.split == "layer" else [96 / 1024] * len(visible)
-    model.load(tensor_p=cfg.split == "tp", tp_backend="native", reserve_per_device=reserve,
-               use_per_device=cfg.gpu_split or None, max_chunk_size=cfg.chunk_size, max_batch_size=128,
-               verbose=True)
+    model.load(
+        tensor_p=cfg.split == "tp",
+        tp_backend="native",
+        reserve_per_device=reserve,
+        use_per_device=cfg.gpu_split or None,
+        max_chunk_size=cfg.chunk_size,
+        max_batch_size=128,
+        verbose=True,
+    )
     phases = [snapshot("after_load")]
     tokenizer = Tokenizer.from_config(config)
-    generator = Generator(model=model, cache=cache, tokenizer=tokenizer, max_batch_size=128,
-                          max_chunk_size=cfg.chunk_size)
+    generator = Generator(
+        model=model, cache=cache, tokenizer=tokenizer, max_batch_size=128, max_chunk_size=cfg.chunk_size
+    )
     phases.append(snapshot("after_generator"))
     for i in mine:
         torch.cuda.reset_peak_memory_stats(i)
@@ -450,8 +524,15 @@ def probe_one(args: argparse.Namespace) -> None:
         while generator.num_remaining_jobs():
             generator.iterate()
         phases.append(snapshot(f"after_gen{n + 1}"))
-    append(args.out, {"kind": "probe", "config": asdict(cfg), "seconds": round(time.monotonic() - t0, 1),
-                      "phases": phases})
+    append(
+        args.out,
+        {
+            "kind": "probe",
+            "config": asdict(cfg),
+            "seconds": round(time.monotonic() - t0, 1),
+            "phases": phases,
+        },
+    )
 
 
 def run_probes(args: argparse.Namespace) -> None:
@@ -468,15 +549,33 @@ def run_probes(args: argparse.Namespace) -> None:
             append(args.out, {"kind": "skipped", "probe": name, "reason": "deadline"})
             continue
         baseline = wait_released(nvml, nvml.used(), 5)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=cfg.gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID", NCCL_NVLS_ENABLE="0")
+        env = dict(
+            os.environ, CUDA_VISIBLE_DEVICES=cfg.gpus, CUDA_DEVICE_ORDER="PCI_BUS_ID", NCCL_NVLS_ENABLE="0"
+        )
         print(f"--- probe {name} at {time.monotonic() - start:.0f} s", flush=True)
         with open(args.out / "probe.log", "ab") as log:
             log.write(f"\n===== probe {name} =====\n".encode())
             log.flush()
-            proc = subprocess.run([sys.executable, __file__, "probe-one", "--model", str(args.model), "--out",
-                                   str(args.out), "--config", name, "--baseline", ",".join(str(b / MIB) for b in baseline)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.load_timeout_s,
-                                  check=False)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "probe-one",
+                    "--model",
+                    str(args.model),
+                    "--out",
+                    str(args.out),
+                    "--config",
+                    name,
+                    "--baseline",
+                    ",".join(str(b / MIB) for b in baseline),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=args.load_timeout_s,
+                check=False,
+            )
         if proc.returncode:
             append(args.out, {"kind": "probe", "config": asdict(cfg), "error": f"exit {proc.returncode}"})
         wait_released(nvml, baseline)
@@ -495,7 +594,9 @@ def main() -> None:
             p.add_argument("--only", default="", help="comma-separated probe names (default: all)")
         if name == "probe-one":
             p.add_argument("--config", required=True)
-            p.add_argument("--baseline", required=True, help="NVML used MiB per GPU before the process started")
+            p.add_argument(
+                "--baseline", required=True, help="NVML used MiB per GPU before the process started"
+            )
         if name == "tabby":
             p.add_argument("--tabby", type=Path, required=True, help="a TabbyAPI source tree (main.py)")
             p.add_argument("--deadline-s", type=float, default=420, help="start no new load after this")

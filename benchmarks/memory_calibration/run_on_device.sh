@@ -22,7 +22,7 @@ echo "slice written at ${SECONDS} s"
 for stage in $STAGES; do
     case $stage in
     detect)
-        [ -f toolkit/commands/detect.py ] || continue
+        [ -f toolkit/cli/detect.py ] || continue
         for gpus in 0 0,1; do
             name=$([ "$gpus" = 0 ] && echo 1gpu || echo 2gpu)
             { echo "\$ CUDA_VISIBLE_DEVICES=$gpus deploy detect"; CUDA_VISIBLE_DEVICES=$gpus python3 -m toolkit.cli detect

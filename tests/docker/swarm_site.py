@@ -28,7 +28,7 @@ from tests.tabby_test_server.image import build_test_server_image
 from toolkit.cluster.fleet import load_fleet
 from toolkit.cluster.fleet_plan import FleetPlan, plan_fleet
 from toolkit.cluster.stack import StackOptions, label_commands, write_stack
-from toolkit.profiles import load_profile
+from toolkit.facts.profiles import load_profile
 
 STACK = "glmdt"
 PORT = 5000
@@ -211,7 +211,7 @@ class Rollout:
     failed: list[str] = field(default_factory=list)
     contexts: set[int] = field(default_factory=set)  # max_seq_len values the endpoint reported
     converged_s: float = 0.0  # from `docker stack deploy` of the new plan to every class converged on it
-    window_s: float = 0.0  # the whole polling window (2 s before the deploy, 2 s after convergence)
+    window_s: float = 0.0  # the whole polling window (20 requests before the deploy, 20 after convergence)
     replaced_all: bool = False
 
 
@@ -246,13 +246,14 @@ def roll_out(site: Site, context: int, timeout_s: float = 240) -> Rollout:
     poller.start()
     started = time.monotonic()
     try:
-        time.sleep(2)
+        wait_for(lambda: result.ok >= 20, 60, "the client to get going", site.diagnose)
         site.write_fleet(context=context)
         deployed = time.monotonic()
         site.render_and_deploy()
         wait_for(lambda: site.converged(context), timeout_s, "the rolling update to complete", site.diagnose)
         result.converged_s = time.monotonic() - deployed
-        time.sleep(2)
+        served = result.ok
+        wait_for(lambda: result.ok >= served + 20, 60, "requests after the update", site.diagnose)
     finally:
         stop.set()
         poller.join(timeout=30)

@@ -28,20 +28,24 @@ from docker.errors import APIError, ImageNotFound
 from tests.fake_hf_hub import FakeHub, FakeRepo
 from tests.tabby_test_server.image import CONTEXT_DIR
 from tests.tabby_test_server.testing import free_port
-from toolkit import engine, state
-from toolkit.commands.lifecycle import load_deployment, replan
-from toolkit.diagnose import DiagnosedFailure
-from toolkit.gpu_spec import parse_gpu_spec
-from toolkit.plan import PlanRequest
-from toolkit.planner import make_plan
-from toolkit.profiles import load_profile
-from toolkit.render import RenderOptions, render_bundle
+from toolkit.deploy import compose_spec, engine, state
+from toolkit.deploy.deployment import load_deployment
+from toolkit.deploy.diagnose import DiagnosedFailure
+from toolkit.deploy.retry import replan
+from toolkit.detect.gpu_spec import parse_gpu_spec
+from toolkit.facts.layout import STATE
+from toolkit.facts.profiles import load_profile
+from toolkit.plan.plan import PlanRequest
+from toolkit.plan.planner import make_plan
+from toolkit.render.bundle import RenderOptions, render_bundle
 
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = "mratsim/GLM-4.7-EXL3"
-QUANT = "3bpw_H6"  # 2-bit test-server weights babble special tokens; 3 bits keep the function check meaningful
+QUANT = (
+    "3bpw_H6"  # 2-bit test-server weights babble special tokens; 3 bits keep the function check meaningful
+)
 
 
 @pytest.fixture(scope="session")
@@ -81,12 +85,21 @@ class Site:
 
     def deploy(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run the real CLI in a subprocess, as a user would."""
-        return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], cwd=ROOT, env={**self.env, **(env or {})},
-                              capture_output=True, text=True, timeout=300, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "toolkit.cli", *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
 
 def _plan(context: int):
-    return make_plan(load_profile("glm-4.7"), parse_gpu_spec("1x144GiB"), PlanRequest(quant=QUANT, context=context))
+    return make_plan(
+        load_profile("glm-4.7"), parse_gpu_spec("1x144GiB"), PlanRequest(quant=QUANT, context=context)
+    )
 
 
 def _options(site: Site) -> RenderOptions:
@@ -140,7 +153,7 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
     assert mounts == {"/app/config.yml": False, "/app/api_tokens.yml": False, f"/app/models/{QUANT}": False}
     assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     assert not container.attrs["HostConfig"].get("DeviceRequests")  # --no-gpu: no GPU request at all
-    state_file = site.out / state.STATE_NAME
+    state_file = site.out / STATE
     assert (state_file.stat().st_mode & 0o777) == 0o600
     assert json.loads(state_file.read_text())["container_id"] == container.id
 
@@ -151,8 +164,12 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
 
     status = _json(site.deploy("status", "--out", str(site.out), "--json"))
     assert status["state"] == "running" and status["health"] == 200
-    assert status["model"] == {"id": QUANT, "max_seq_len": 65536, "cache_mode": up["model"]["parameters"]["cache_mode"],
-                               "cache_size": up["model"]["parameters"]["cache_size"]}
+    assert status["model"] == {
+        "id": QUANT,
+        "max_seq_len": 65536,
+        "cache_mode": up["model"]["parameters"]["cache_mode"],
+        "cache_size": up["model"]["parameters"]["cache_size"],
+    }
     assert status["gpus"] is None and "unavailable" in status["nvml"]  # no NVML on this host, and it says so
 
     logs = site.deploy("logs", "--out", str(site.out), "--tail", "20")
@@ -168,13 +185,21 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
     assert engine.find_container(docker_client, changed["container"]) is None and not state_file.exists()
     assert (site.models / QUANT / "config.json").is_file() and (site.out / "api_tokens.yml").is_file()
     purge = site.deploy("down", "--out", str(site.out), "--purge")
-    assert purge.returncode == 0 and not (site.models / QUANT).exists() and not (site.out / "api_tokens.yml").exists()
+    assert (
+        purge.returncode == 0
+        and not (site.models / QUANT).exists()
+        and not (site.out / "api_tokens.yml").exists()
+    )
 
 
-def test_oom_is_diagnosed_and_retry_smaller_recovers(docker_client, tabby_image, site: Site, tmp_path) -> None:
+def test_oom_is_diagnosed_and_retry_smaller_recovers(
+    docker_client, tabby_image, site: Site, tmp_path
+) -> None:
     assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
     config = site.out / "config.yml"
-    config.write_text(config.read_text() + "test_server:\n  oom: true\n")  # the server prints exllamav3's OOM, exits
+    config.write_text(
+        config.read_text() + "test_server:\n  oom: true\n"
+    )  # the server prints exllamav3's OOM, exits
 
     failed = site.deploy("up", "--out", str(site.out), "--no-gpu", "--ready-timeout", "120")
     assert failed.returncode == 3, failed.stderr
@@ -222,15 +247,33 @@ def test_up_without_the_model_says_fetch_first(site: Site) -> None:
 
 
 def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -> None:
-    args = ["auto", "--out", str(site.out), "--gpus", "1x144GiB", "--quant", QUANT, "--context", "65536",
-            "--port", str(site.port), "--models-dir", str(site.models), "--no-gpu", "--skip-build"]
+    args = [
+        "auto",
+        "--out",
+        str(site.out),
+        "--gpus",
+        "1x144GiB",
+        "--quant",
+        QUANT,
+        "--context",
+        "65536",
+        "--port",
+        str(site.port),
+        "--models-dir",
+        str(site.models),
+        "--no-gpu",
+        "--skip-build",
+    ]
     refused = site.deploy(*args)  # no terminal to ask on, no --yes
     assert refused.returncode == 2 and "--yes" in refused.stderr
 
     first = _json(site.deploy(*args, "--yes", "--json"))
     assert first["ok"] and first["stage"] == "done" and first["action"] == "created"
-    assert {c["name"]: c["passed"] for c in first["verify"]} == {"liveness": True, "readiness": True,
-                                                                 "function": True}
+    assert {c["name"]: c["passed"] for c in first["verify"]} == {
+        "liveness": True,
+        "readiness": True,
+        "function": True,
+    }
     assert first["api_key_file"] == str(site.out / "api_tokens.yml")
     key = (site.out / "api_tokens.yml").read_text()
     assert "sed -n" in first["curl"] and key.split("api_key:")[1].split()[0] not in json.dumps(first)
@@ -242,8 +285,9 @@ def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -
     human = site.deploy(*args, "--yes")
     assert human.returncode == 0 and f"endpoint: http://127.0.0.1:{site.port}/v1" in human.stdout
     curl = next(line for line in human.stdout.splitlines() if line.startswith("try: curl"))
-    answer = subprocess.run(["bash", "-c", curl.removeprefix("try: ")], capture_output=True, text=True, timeout=60,
-                            check=False)
+    answer = subprocess.run(
+        ["bash", "-c", curl.removeprefix("try: ")], capture_output=True, text=True, timeout=60, check=False
+    )
     assert answer.returncode == 0 and json.loads(answer.stdout)["choices"][0]["message"]["content"]
 
 
@@ -251,8 +295,9 @@ def test_build_reuses_an_image_with_the_same_hash(docker_client, tabby_image, te
     tag = f"glmdt-deploy-tabby:{secrets.token_hex(4)}"
     lines: list[str] = []
     try:
-        again = engine.build_image(docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image},
-                                   on_line=lines.append)
+        again = engine.build_image(
+            docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image}, on_line=lines.append
+        )
         assert again.reused and again.id == tabby_image and not lines  # no build ran
         assert tag in docker_client.images.get(tabby_image).tags
     finally:
@@ -263,15 +308,21 @@ def test_gpu_deployment_on_an_engine_without_nvidia_runtime(docker_client, tabby
     """Without --no-gpu the GPU request is real: preflight refuses (exit 4), and so does the engine itself."""
     if engine.gpu_runtime_present(docker_client):
         pytest.skip("this engine has the NVIDIA runtime: the refusal path cannot be shown here")
-    render_bundle(_plan(65536), site.out, RenderOptions(port=site.port, models_dir=str(site.models), force=True))
+    render_bundle(
+        _plan(65536), site.out, RenderOptions(port=site.port, models_dir=str(site.models), force=True)
+    )
     _tag_as_rendered(docker_client, tabby_image, site)
     assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
     refused = site.deploy("up", "--out", str(site.out))
-    assert refused.returncode == 4 and "no NVIDIA runtime" in refused.stderr and "nvidia-ctk" in refused.stderr
+    assert (
+        refused.returncode == 4 and "no NVIDIA runtime" in refused.stderr and "nvidia-ctk" in refused.stderr
+    )
 
-    spec = engine.spec_from_compose(site.out / "compose.yaml", name=state.default_container_name(site.out))
+    spec = compose_spec.spec_from_compose(
+        site.out / "compose.yaml", name=state.default_container_name(site.out)
+    )
     assert spec.gpu_device_ids == tuple(load_deployment(site.out).plan.device_ids)
     with pytest.raises(DiagnosedFailure) as failure:  # past preflight: the engine rejects the device request
-        engine.converge(docker_client, engine.RunSpec(**{**spec.__dict__, "ulimits": ()}), site.out)
+        engine.converge(docker_client, compose_spec.RunSpec(**{**spec.__dict__, "ulimits": ()}), site.out)
     assert failure.value.diagnosis.kind == "no-gpu-runtime" and failure.value.exit_code == 4
     assert engine.find_container(docker_client, spec.name) is None  # nothing half-created is left

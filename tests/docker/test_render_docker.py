@@ -16,10 +16,10 @@ import docker.errors
 import pytest
 import yaml
 
-from tests.unit.render_plans import SERVING, make_plan
-from tests.unit.tabby_fixture import build_tabby_fixture
-from toolkit.render import RenderOptions, render_bundle
-from toolkit.render_dockerfile import start_period_s
+from tests.unit.render.render_plans import SERVING, make_plan
+from tests.unit.render.tabby_fixture import build_tabby_fixture
+from toolkit.render.bundle import RenderOptions, render_bundle
+from toolkit.render.dockerfile import start_period_s
 
 
 def _compose_binary() -> str:
@@ -35,7 +35,10 @@ def _compose_config(bundle) -> dict:
     """What the real Compose v2 makes of a rendered bundle (`docker compose config`); fails on an invalid file."""
     result = subprocess.run(
         [_compose_binary(), "-f", str(bundle.compose), "config", "--format", "json"],
-        cwd=bundle.out_dir, capture_output=True, text=True, check=False,
+        cwd=bundle.out_dir,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -180,6 +183,7 @@ def _run(built, command: str, user: str | None = None) -> str:
     return output.decode()
 
 
+@pytest.mark.docker
 def test_the_image_builds_and_merges_pr_295(built) -> None:
     assert built["ok"], built["log"]
     assert "lacks PR #295: fetching pull/295/head" in built["log"]
@@ -194,6 +198,7 @@ def test_the_image_builds_and_merges_pr_295(built) -> None:
     assert len(commit) == 40 and commit != built["fixture"].base  # a merge commit on top of the pin
 
 
+@pytest.mark.docker
 def test_the_image_metadata(built) -> None:
     assert built["ok"], built["log"]
     attrs = built["client"].images.get(built["tag"]).attrs["Config"]
@@ -208,6 +213,7 @@ def test_the_image_metadata(built) -> None:
     assert attrs["Cmd"] == ["python3", "main.py"] and attrs["WorkingDir"] == "/app"
 
 
+@pytest.mark.docker
 def test_the_image_runs_unprivileged_and_holds_no_secret(built) -> None:
     assert built["ok"], built["log"]
     assert _run(built, "id -u").strip() == "10001"
@@ -223,11 +229,13 @@ def test_the_image_runs_unprivileged_and_holds_no_secret(built) -> None:
     assert out.split() == ["writable", "code-read-only"]
 
 
+@pytest.mark.docker
 def test_a_broken_pr_head_fails_the_build(built) -> None:
     assert not built["broken_ok"]
     assert "the reasoning parser (PR #295) is not in the tree" in built["broken_log"]
 
 
+@pytest.mark.docker
 def test_the_build_context_leaves_the_keys_out(built) -> None:
     ignore = (built["bundle"].out_dir / ".dockerignore").read_text().split()
     assert ignore[0] == "*" and "!api_tokens.yml" not in ignore and "!config.yml" not in ignore

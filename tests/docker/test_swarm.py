@@ -188,7 +188,7 @@ def test_generic_resource_claims_place_or_refuse_services(site):
             "the 2-GPU claim to be refused",
             site.diagnose,
         )
-        time.sleep(3)
+        time.sleep(3)  # a negative check: still pending a while after the refusal (nothing to poll for)
         assert state(too_many)[0] == "pending"
         (claimed,) = _gpu_claims(site.client.api.tasks(filters={"service": fits})[0])
         stack_gpus = {

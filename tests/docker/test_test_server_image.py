@@ -39,22 +39,37 @@ def _wait_json(url: str, headers: dict[str, str], timeout_s: float = 30.0) -> ht
 def test_image_serves_health_and_model_with_auth(docker_client, test_base_image, tmp_path):
     tag = f"glmdt-tabby-test-server:{secrets.token_hex(4)}"
     key = secrets.token_hex(16)
-    config = {"network": {"host": "0.0.0.0", "port": 5000},
-              "model": {"model_dir": "/models", "model_name": "GLM-4.7-EXL3-4bpw_H6", "max_seq_len": 8192,
-                        "cache_size": 8192, "cache_mode": "5,4"}}
+    config = {
+        "network": {"host": "0.0.0.0", "port": 5000},
+        "model": {
+            "model_dir": "/models",
+            "model_name": "GLM-4.7-EXL3-4bpw_H6",
+            "max_seq_len": 8192,
+            "cache_size": 8192,
+            "cache_mode": "5,4",
+        },
+    }
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     (tmp_path / "config.yml").chmod(0o644)
-    _owned_secret(tmp_path / "api_tokens.yml", yaml.safe_dump({"api_key": key, "admin_key": secrets.token_hex(16)}))
+    _owned_secret(
+        tmp_path / "api_tokens.yml", yaml.safe_dump({"api_key": key, "admin_key": secrets.token_hex(16)})
+    )
     container = None
     try:
         build_test_server_image(docker_client, tag, test_base_image)
         image = docker_client.images.get(tag)
         assert image.attrs["Config"]["User"] not in ("", "0", "root"), "the test server must not run as root"
         container = docker_client.containers.run(
-            tag, command=["main.py", "--host", "0.0.0.0"], detach=True, name=f"glmdt-{secrets.token_hex(4)}",
+            tag,
+            command=["main.py", "--host", "0.0.0.0"],
+            detach=True,
+            name=f"glmdt-{secrets.token_hex(4)}",
             ports={"5000/tcp": ("127.0.0.1", None)},
-            volumes={str(tmp_path / "config.yml"): {"bind": "/app/config.yml", "mode": "ro"},
-                     str(tmp_path / "api_tokens.yml"): {"bind": "/app/api_tokens.yml", "mode": "ro"}})
+            volumes={
+                str(tmp_path / "config.yml"): {"bind": "/app/config.yml", "mode": "ro"},
+                str(tmp_path / "api_tokens.yml"): {"bind": "/app/api_tokens.yml", "mode": "ro"},
+            },
+        )
         container.reload()
         port = container.attrs["NetworkSettings"]["Ports"]["5000/tcp"][0]["HostPort"]
         base = f"http://127.0.0.1:{port}"

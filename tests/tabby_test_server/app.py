@@ -60,7 +60,7 @@ def _env_overrides(config: dict[str, Any]) -> dict[str, Any]:
         for prefix, section_of in (("TABBY_", None), ("GLM_TEST_SERVER_", "test_server")):
             if not name.startswith(prefix):
                 continue
-            rest = name[len(prefix):].lower()
+            rest = name[len(prefix) :].lower()
             section, _, key = (section_of, None, rest) if section_of else rest.partition("_")
             if section and key:
                 config.setdefault(section, {})
@@ -91,10 +91,14 @@ def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
     port_during_load = str(section.get("port_during_load", "closed"))
     if port_during_load not in ("closed", "open"):
         raise ConfigError(f"test_server.port_during_load must be closed or open, got {port_during_load!r}")
-    return TestServerOptions(bits=bits, seed=int(section.get("seed", 0)),
-                             load_delay_s=float(section.get("load_delay_s", 0)),
-                             port_during_load=port_during_load, oom=bool(section.get("oom", False)),
-                             think=bool(section.get("think", True)))
+    return TestServerOptions(
+        bits=bits,
+        seed=int(section.get("seed", 0)),
+        load_delay_s=float(section.get("load_delay_s", 0)),
+        port_during_load=port_during_load,
+        oom=bool(section.get("oom", False)),
+        think=bool(section.get("think", True)),
+    )
 
 
 def _settings(model: dict[str, Any]) -> ModelSettings | None:
@@ -110,10 +114,14 @@ def _settings(model: dict[str, Any]) -> ModelSettings | None:
         raise ConfigError(f"cache_size {cache_size} is not a multiple of 256")
     cache_mode = str(model.get("cache_mode") or "FP16")
     if not CACHE_MODE.match(cache_mode):
-        raise ConfigError(f"invalid cache_mode {cache_mode!r}: use FP16, Q4, Q6, Q8 or \"K,V\" with 2-8 bits")
+        raise ConfigError(f'invalid cache_mode {cache_mode!r}: use FP16, Q4, Q6, Q8 or "K,V" with 2-8 bits')
     return ModelSettings(
-        name=str(name), max_seq_len=min(max_seq_len, cache_size), cache_size=cache_size, cache_mode=cache_mode,
-        max_batch_size=int(model.get("max_batch_size") or 1), chunk_size=int(model.get("chunk_size") or 2048),
+        name=str(name),
+        max_seq_len=min(max_seq_len, cache_size),
+        cache_size=cache_size,
+        cache_mode=cache_mode,
+        max_batch_size=int(model.get("max_batch_size") or 1),
+        chunk_size=int(model.get("chunk_size") or 2048),
         reasoning=bool(model.get("reasoning", False)),
         reasoning_start_token=str(model.get("reasoning_start_token") or "<think>"),
         reasoning_end_token=str(model.get("reasoning_end_token") or "</think>"),
@@ -162,20 +170,33 @@ def prepare(config: dict[str, Any], workdir: Path) -> Prepared:
     options = _options(config, settings.name if settings else "")
     disable_auth = bool(network.get("disable_auth", False))
     api_keys, admin_key = (frozenset(), "") if disable_auth else _auth_keys(workdir)
-    state = ServerState(settings=settings, api_keys=api_keys, admin_key=admin_key, disable_auth=disable_auth,
-                        think=options.think)
-    return Prepared(state=state, options=options, host=str(network.get("host") or "127.0.0.1"),
-                    port=int(network.get("port") or 5000))
+    state = ServerState(
+        settings=settings,
+        api_keys=api_keys,
+        admin_key=admin_key,
+        disable_auth=disable_auth,
+        think=options.think,
+    )
+    return Prepared(
+        state=state,
+        options=options,
+        host=str(network.get("host") or "127.0.0.1"),
+        port=int(network.get("port") or 5000),
+    )
 
 
 def load_model(prepared: Prepared) -> None:
     """The model load: the configured delay, then the tiny model at the configured bits (or the OOM exit)."""
     time.sleep(prepared.options.load_delay_s)
     if prepared.options.oom:
-        print("Traceback (most recent call last):\n"
-              '  File "/app/backends/exllamav3/model.py", line 1, in load_model\n'
-              '  File "/opt/venv/lib/python3.12/site-packages/exllamav3/model/model_ls.py", line 204, in load\n'
-              f"RuntimeError: {OOM_MESSAGE}", file=sys.stderr, flush=True)
+        print(
+            "Traceback (most recent call last):\n"
+            '  File "/app/backends/exllamav3/model.py", line 1, in load_model\n'
+            '  File "/opt/venv/lib/python3.12/site-packages/exllamav3/model/model_ls.py", line 204, in load\n'
+            f"RuntimeError: {OOM_MESSAGE}",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(1)
     if prepared.state.settings is not None:
         prepared.state.model = TinyModel(bits=prepared.options.bits, seed=prepared.options.seed)

@@ -15,6 +15,7 @@ def build_test_server_image(client: Any, tag: str, base: str) -> str:
 
     The caller owns the tag and removes it (client.images.remove(tag)) when done.
     """
-    image, _logs = client.images.build(path=str(CONTEXT_DIR), tag=tag, buildargs={"BASE": base}, rm=True,
-                                       forcerm=True, pull=False)
+    image, _logs = client.images.build(
+        path=str(CONTEXT_DIR), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True, pull=False
+    )
     return str(image.id)

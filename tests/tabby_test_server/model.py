@@ -28,8 +28,37 @@ _WORDS = (
     "model token value data code list number function return print import self class while true false none "
     "sum count step result error water light house city river world people year day night small large first"
 )
-_FRAGMENTS = ("ing", "ed", "er", "es", "ly", "tion", "ment", "def", "for", "if", "    ", "\n\n", "()", "):", "==",
-              "+=", "->", "123", "000", "the", "and", "in", "de", "la", "le", "en", "die", "der", "und")
+_FRAGMENTS = (
+    "ing",
+    "ed",
+    "er",
+    "es",
+    "ly",
+    "tion",
+    "ment",
+    "def",
+    "for",
+    "if",
+    "    ",
+    "\n\n",
+    "()",
+    "):",
+    "==",
+    "+=",
+    "->",
+    "123",
+    "000",
+    "the",
+    "and",
+    "in",
+    "de",
+    "la",
+    "le",
+    "en",
+    "die",
+    "der",
+    "und",
+)
 
 
 def _pieces() -> list[bytes]:
@@ -69,7 +98,7 @@ class Tokenizer:
                     i += len(SPECIALS[special])
                     continue
             for length in range(min(self._max_len, len(data) - i), 0, -1):
-                token = self._by_bytes.get(data[i:i + length])
+                token = self._by_bytes.get(data[i : i + length])
                 if token is not None:
                     ids.append(token)
                     i += length
@@ -144,7 +173,9 @@ def whole_bits(bpw: float) -> int:
     """
     bits = math.floor(bpw + 0.5)
     if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{bpw} bits per weight rounds to {bits}; the tiny model takes {MIN_BITS} to {MAX_BITS}")
+        raise ValueError(
+            f"{bpw} bits per weight rounds to {bits}; the tiny model takes {MIN_BITS} to {MAX_BITS}"
+        )
     return bits
 
 
@@ -154,9 +185,13 @@ def quantize(weights: Weights, bits: int | None) -> Weights:
         return weights
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
-    return Weights(embed=quantize_rows(weights.embed, bits), hidden=quantize_rows(weights.hidden, bits),
-                   hidden_bias=weights.hidden_bias, out=quantize_rows(weights.out, bits),
-                   out_bias=weights.out_bias)
+    return Weights(
+        embed=quantize_rows(weights.embed, bits),
+        hidden=quantize_rows(weights.hidden, bits),
+        hidden_bias=weights.hidden_bias,
+        out=quantize_rows(weights.out, bits),
+        out_bias=weights.out_bias,
+    )
 
 
 class TinyModel:

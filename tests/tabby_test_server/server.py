@@ -126,7 +126,7 @@ def _sample(logprobs: np.ndarray, body: dict[str, Any], rng: np.random.Generator
     top_p = _number(body, "top_p", 1.0, 0, 1)
     if top_p < 1.0:
         cumulative = np.cumsum(probs[order]) / probs.sum()
-        keep[order[np.searchsorted(cumulative, top_p) + 1:]] = False
+        keep[order[np.searchsorted(cumulative, top_p) + 1 :]] = False
     min_p = _number(body, "min_p", 0.0, 0, 1)
     keep &= probs >= min_p * probs.max()
     probs = np.where(keep, probs, 0.0)
@@ -174,21 +174,30 @@ class Generation:
     finish_reason: str
 
 
-def _generate(state: ServerState, prompt_ids: list[int], body: dict[str, Any], top_k: int,
-              steering: Steering = Steering()) -> Generation:
+def _generate(
+    state: ServerState,
+    prompt_ids: list[int],
+    body: dict[str, Any],
+    top_k: int,
+    steering: Steering = Steering(),
+) -> Generation:
     """Sample up to max_tokens tokens as steered (a completion is not steered; a chat is, chat_steering)."""
     model = _loaded(state)
     settings = state.settings
     assert settings is not None
     max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 0):
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0
+    ):
         raise _validation_error("max_tokens", "must be a non-negative integer")
     if not max_tokens:
         max_tokens = settings.max_seq_len - len(prompt_ids) - 1
     if len(prompt_ids) + max_tokens > settings.max_seq_len:
-        raise ApiError(400, f"Context length {len(prompt_ids) + max_tokens} is greater than max_seq_len "
-                            f"{settings.max_seq_len}. The request exceeds the available context size.")
+        raise ApiError(
+            400,
+            f"Context length {len(prompt_ids) + max_tokens} is greater than max_seq_len "
+            f"{settings.max_seq_len}. The request exceeds the available context size.",
+        )
     rng = np.random.default_rng(len(prompt_ids))
     ids: list[int] = []
     records: list[dict[str, Any]] = []
@@ -205,11 +214,17 @@ def _generate(state: ServerState, prompt_ids: list[int], body: dict[str, Any], t
             finish_reason = "stop"
             break
         ids.append(token)
-        record: dict[str, Any] = {"token": model.tokenizer.pieces[token], "token_id": token,
-                                  "logprob": float(logprobs[token]), "top_logprobs": []}
+        record: dict[str, Any] = {
+            "token": model.tokenizer.pieces[token],
+            "token_id": token,
+            "logprob": float(logprobs[token]),
+            "top_logprobs": [],
+        }
         if top_k > 0:
-            record["top_logprobs"] = [{"token": piece, "token_id": i, "logprob": lp}
-                                      for i, piece, lp in _top_entries(model, logprobs, top_k)]
+            record["top_logprobs"] = [
+                {"token": piece, "token_id": i, "logprob": lp}
+                for i, piece, lp in _top_entries(model, logprobs, top_k)
+            ]
         records.append(record)
     return Generation(ids=ids, records=records, finish_reason=finish_reason)
 
@@ -222,8 +237,11 @@ def _fail_if_triggered(state: ServerState, text: str, what: str) -> None:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
@@ -254,16 +272,30 @@ def completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
                 "tokens": [r["token"] for r in records],
                 "token_logprobs": [r["logprob"] for r in records],
                 # The collision quirk: {tp.token: tp.logprob for tp in top_logprobs} keeps the last duplicate.
-                "top_logprobs": [{t["token"]: t["logprob"] for t in r["top_logprobs"]} or None for r in records],
+                "top_logprobs": [
+                    {t["token"]: t["logprob"] for t in r["top_logprobs"]} or None for r in records
+                ],
                 "text_offset": offsets,
             }
-        choices.append({"index": index, "finish_reason": generation.finish_reason, "eos_reason": None,
-                        "logprobs": logprobs, "text": model.tokenizer.decode(generation.ids)})
+        choices.append(
+            {
+                "index": index,
+                "finish_reason": generation.finish_reason,
+                "eos_reason": None,
+                "logprobs": logprobs,
+                "text": model.tokenizer.decode(generation.ids),
+            }
+        )
         prompt_tokens += len(prompt_ids)
         completion_tokens += len(generation.ids)
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "choices": choices, "created": int(time.time()),
-            "model": state.settings.name if state.settings else "", "object": "text_completion",
-            "usage": _usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "choices": choices,
+        "created": int(time.time()),
+        "model": state.settings.name if state.settings else "",
+        "object": "text_completion",
+        "usage": _usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chat_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -289,25 +321,44 @@ def chat_completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]
     _fail_if_triggered(state, prompt, "Chat completion")
     prompt_ids = model.tokenizer.encode(prompt)
     max_tokens = body.get("max_tokens")
-    room = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0  # _generate: 422
+    room = (
+        max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0
+    )  # _generate: 422
     top_k = body.get("top_logprobs") or 0 if body.get("logprobs") else 0
     generation = _generate(state, prompt_ids, body, top_k, chat_steering(state.think, room))
     text = model.tokenizer.decode(generation.ids)
     content, reasoning, span = text, None, generation.records
     start, end = settings.reasoning_start_token, settings.reasoning_end_token
     if settings.reasoning and text.startswith(start):
-        head, sep, tail = text[len(start):].partition(end)
+        head, sep, tail = text[len(start) :].partition(end)
         reasoning, content = head, tail if sep else ""
         boundary = next((i for i, r in enumerate(span) if r["token"] == end), len(span))
-        span = span[boundary + 1:]
-    message = {"role": "assistant", "content": content or None, "reasoning_content": reasoning or None,
-               "tool_calls": None, "tool_call_id": None}
+        span = span[boundary + 1 :]
+    message = {
+        "role": "assistant",
+        "content": content or None,
+        "reasoning_content": reasoning or None,
+        "tool_calls": None,
+        "tool_call_id": None,
+    }
     logprobs = {"content": span} if body.get("logprobs") else None
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}",
-            "choices": [{"index": 0, "finish_reason": generation.finish_reason, "eos_reason": None,
-                         "stop_str": None, "message": message, "logprobs": logprobs}],
-            "created": int(time.time()), "model": settings.name, "object": "chat.completion",
-            "usage": _usage(len(prompt_ids), len(generation.ids))}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": generation.finish_reason,
+                "eos_reason": None,
+                "stop_str": None,
+                "message": message,
+                "logprobs": logprobs,
+            }
+        ],
+        "created": int(time.time()),
+        "model": settings.name,
+        "object": "chat.completion",
+        "usage": _usage(len(prompt_ids), len(generation.ids)),
+    }
 
 
 def token_encode(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
@@ -327,11 +378,26 @@ def model_card(state: ServerState) -> dict[str, Any]:
     _loaded(state)
     s = state.settings
     assert s is not None
-    return {"id": s.name, "object": "model", "created": int(time.time()), "owned_by": "tabbyAPI", "logging": None,
-            "parameters": {"max_seq_len": s.max_seq_len, "cache_size": s.cache_size, "cache_mode": s.cache_mode,
-                           "rope_scale": 1.0, "rope_alpha": 1.0, "max_batch_size": s.max_batch_size,
-                           "chunk_size": s.chunk_size, "prompt_template": "chat_template",
-                           "prompt_template_content": None, "use_vision": False, "draft": None}}
+    return {
+        "id": s.name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "tabbyAPI",
+        "logging": None,
+        "parameters": {
+            "max_seq_len": s.max_seq_len,
+            "cache_size": s.cache_size,
+            "cache_mode": s.cache_mode,
+            "rope_scale": 1.0,
+            "rope_alpha": 1.0,
+            "max_batch_size": s.max_batch_size,
+            "chunk_size": s.chunk_size,
+            "prompt_template": "chat_template",
+            "prompt_template_content": None,
+            "use_vision": False,
+            "draft": None,
+        },
+    }
 
 
 def health(state: ServerState) -> tuple[int, dict[str, Any]]:

@@ -43,15 +43,23 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-def start(workdir: Path, model: dict[str, Any] | None = None, test_server: dict[str, Any] | None = None,
-          port: int = 0, api_key: str = "test-key-0123456789abcdef") -> RunningServer:
+def start(
+    workdir: Path,
+    model: dict[str, Any] | None = None,
+    test_server: dict[str, Any] | None = None,
+    port: int = 0,
+    api_key: str = "test-key-0123456789abcdef",
+) -> RunningServer:
     """Write config.yml + api_tokens.yml to workdir and serve; with a load delay the port opens later."""
-    config = {"network": {"host": "127.0.0.1", "port": port or free_port()},
-              "model": {"model_name": "tiny", "max_seq_len": 4096, "cache_size": 4096, **(model or {})},
-              "test_server": test_server or {}}
+    config = {
+        "network": {"host": "127.0.0.1", "port": port or free_port()},
+        "model": {"model_name": "tiny", "max_seq_len": 4096, "cache_size": 4096, **(model or {})},
+        "test_server": test_server or {},
+    }
     (workdir / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    (workdir / "api_tokens.yml").write_text(yaml.safe_dump({"api_key": api_key, "admin_key": "admin-" + api_key}),
-                                            encoding="utf-8")
+    (workdir / "api_tokens.yml").write_text(
+        yaml.safe_dump({"api_key": api_key, "admin_key": "admin-" + api_key}), encoding="utf-8"
+    )
     prepared = prepare(config, workdir)
     holder: dict[str, ThreadingHTTPServer] = {}
     ready = threading.Event()
@@ -65,5 +73,11 @@ def start(workdir: Path, model: dict[str, Any] | None = None, test_server: dict[
     thread.start()
     if prepared.options.load_delay_s == 0 or prepared.options.port_during_load == "open":
         ready.wait(10)
-    return RunningServer(url=f"http://127.0.0.1:{prepared.port}", api_key=api_key, state=prepared.state,
-                         holder=holder, ready=ready, thread=thread)
+    return RunningServer(
+        url=f"http://127.0.0.1:{prepared.port}",
+        api_key=api_key,
+        state=prepared.state,
+        holder=holder,
+        ready=ready,
+        thread=thread,
+    )

@@ -17,7 +17,7 @@ from tests.tabby_test_server import testing
 from tests.tabby_test_server.app import ConfigError, load_config, prepare
 from tests.tabby_test_server.model import TinyModel
 from tests.tabby_test_server.server import ERROR_TRIGGER, OOM_MESSAGE
-from toolkit.verify.checks import Expectations, check_function
+from toolkit.verify.checks import check_function, profile_reasoning_markers
 from toolkit.verify.client import TabbyClient
 from toolkit.verify.kl import full_kl
 
@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def server(tmp_path):
-    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny-6bpw", "cache_mode": "6,5",
-                                                           "reasoning": True})
+    running = testing.start(
+        tmp_path, api_key=KEY, model={"model_name": "tiny-6bpw", "cache_mode": "6,5", "reasoning": True}
+    )
     yield running
     running.stop()
 
@@ -41,7 +42,9 @@ def test_auth_like_tabbyapi(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     missing = httpx.get(f"{server.url}/v1/model")
     assert missing.status_code == 401 and missing.json() == {"detail": "Please provide an API key"}
-    assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": "nope"}).json() == {"detail": "Invalid API key"}
+    assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": "nope"}).json() == {
+        "detail": "Invalid API key"
+    }
     assert httpx.get(f"{server.url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": f"admin-{KEY}"}).status_code == 200
     assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1}, key=None).status_code == 401
@@ -50,15 +53,25 @@ def test_auth_like_tabbyapi(server):
 def test_model_card_reports_config(server):
     card = httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).json()
     assert card["id"] == "tiny-6bpw"
-    assert (card["parameters"]["max_seq_len"], card["parameters"]["cache_size"],
-            card["parameters"]["cache_mode"]) == (4096, 4096, "6,5")
+    assert (
+        card["parameters"]["max_seq_len"],
+        card["parameters"]["cache_size"],
+        card["parameters"]["cache_mode"],
+    ) == (4096, 4096, "6,5")
 
 
 def test_top_logprobs_are_keyed_by_decoded_strings_and_collide(server):
     model = TinyModel(bits=6)
     prompt = "Über die Brücke gehen wir nach Hause, während die Glocken läuten"
-    body = {"prompt": prompt, "max_tokens": 1, "logprobs": 300, "temperature": 1, "top_p": 1, "top_k": 0,
-            "min_p": 0}
+    body = {
+        "prompt": prompt,
+        "max_tokens": 1,
+        "logprobs": 300,
+        "temperature": 1,
+        "top_p": 1,
+        "top_k": 0,
+        "min_p": 0,
+    }
     top = _post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]["top_logprobs"][0]
     logprobs = model.logprobs(model.tokenizer.encode(prompt))
     order = np.argsort(-logprobs, kind="stable")[:300]
@@ -70,19 +83,26 @@ def test_top_logprobs_are_keyed_by_decoded_strings_and_collide(server):
 
 
 def test_list_prompt_gives_one_choice_per_prompt(server):
-    data = _post(server, "/v1/completions", {"prompt": ["The river", "def f(x):"], "max_tokens": 1,
-                                              "logprobs": 5}).json()
+    data = _post(
+        server, "/v1/completions", {"prompt": ["The river", "def f(x):"], "max_tokens": 1, "logprobs": 5}
+    ).json()
     assert [c["index"] for c in data["choices"]] == [0, 1]
     assert all(len(c["logprobs"]["top_logprobs"][0]) <= 5 for c in data["choices"])
     assert _post(server, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 1}).status_code == 422
 
 
 def test_chat_splits_reasoning_when_configured(server, tmp_path):
-    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 24, "logprobs": True,
-            "top_logprobs": 3}
+    body = {
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 24,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
     message = _post(server, "/v1/chat/completions", body).json()["choices"][0]
     assert message["message"]["reasoning_content"] and "<think>" not in (message["message"]["content"] or "")
-    assert all(len(entry["top_logprobs"]) == 3 and "token_id" in entry for entry in message["logprobs"]["content"])
+    assert all(
+        len(entry["top_logprobs"]) == 3 and "token_id" in entry for entry in message["logprobs"]["content"]
+    )
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
     raw = testing.start(raw_dir, api_key=KEY, model={"model_name": "tiny", "reasoning": False})
@@ -107,14 +127,34 @@ def test_context_overflow_is_rejected(server):
     assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 10**6}).status_code == 400
 
 
+def _poll(condition, timeout_s: float = 30.0) -> bool:
+    """True as soon as condition() holds (polled every 50 ms), False after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _health_status(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/health").status_code
+    except httpx.ConnectError:
+        return None
+
+
 def test_open_port_answers_503_until_the_model_is_loaded(tmp_path):
-    server = testing.start(tmp_path, api_key=KEY, test_server={"load_delay_s": 1.0, "port_during_load": "open"})
+    server = testing.start(
+        tmp_path, api_key=KEY, test_server={"load_delay_s": 1.0, "port_during_load": "open"}
+    )
     try:
         early = httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY})
         assert early.status_code == 503 and early.json() == {"detail": "No models are currently loaded."}
         assert httpx.get(f"{server.url}/health").status_code == 200
-        time.sleep(1.5)
-        assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+        assert _poll(
+            lambda: httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+        )
     finally:
         server.stop()
 
@@ -124,8 +164,7 @@ def test_closed_port_during_load_like_tabbyapi(tmp_path):
     try:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health")
-        time.sleep(1.5)
-        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert _poll(lambda: _health_status(server.url) == 200)
     finally:
         server.stop()
 
@@ -138,12 +177,19 @@ def test_no_model_name_means_no_model(tmp_path):
         server.stop()
 
 
-def _run_server_process(workdir: Path, config: dict, env: dict[str, str] | None = None,
-                        timeout: float = 20) -> subprocess.CompletedProcess:
+def _run_server_process(
+    workdir: Path, config: dict, env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess:
     (workdir / "config.yml").write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", "tests.tabby_test_server"], check=False, cwd=workdir,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "tests.tabby_test_server"],
+        check=False,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def test_oom_mode_prints_exllamav3_message_and_exits(tmp_path):
@@ -154,12 +200,15 @@ def test_oom_mode_prints_exllamav3_message_and_exits(tmp_path):
     assert by_config.returncode == 1 and OOM_MESSAGE in by_config.stderr
 
 
-@pytest.mark.parametrize("model, message", [
-    ({"model_name": "tiny", "cache_size": 1000}, "multiple of 256"),
-    ({"model_name": "tiny", "cache_mode": "k5v4"}, "invalid cache_mode"),
-    ({"model_name": "0.4bpw-tiny"}, "rounds to 0"),
-    ({"model_name": "GLM-4.7-EXL3-24bpw"}, "rounds to 24"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"model_name": "tiny", "cache_size": 1000}, "multiple of 256"),
+        ({"model_name": "tiny", "cache_mode": "k5v4"}, "invalid cache_mode"),
+        ({"model_name": "0.4bpw-tiny"}, "rounds to 0"),
+        ({"model_name": "GLM-4.7-EXL3-24bpw"}, "rounds to 24"),
+    ],
+)
 def test_invalid_config_refuses_to_start(tmp_path, model, message):
     result = _run_server_process(tmp_path, {"network": {"port": testing.free_port()}, "model": model})
     assert result.returncode == 1 and message in result.stderr
@@ -174,8 +223,15 @@ def test_missing_api_tokens_are_generated(tmp_path):
 def test_weights_degrade_as_bits_drop():
     full = TinyModel()
     ids = full.tokenizer.encode("The light on the water, the people of the city and the river at night")
-    kl = {bits: np.mean([full_kl(full.logprobs(ids[:n]), TinyModel(bits=bits).logprobs(ids[:n]))
-                         for n in range(4, len(ids))]) for bits in (8, 6, 4, 3)}
+    kl = {
+        bits: np.mean(
+            [
+                full_kl(full.logprobs(ids[:n]), TinyModel(bits=bits).logprobs(ids[:n]))
+                for n in range(4, len(ids))
+            ]
+        )
+        for bits in (8, 6, 4, 3)
+    }
     assert 0 < kl[8] < kl[6] < kl[4] < kl[3]
 
 
@@ -187,10 +243,21 @@ def test_tokenizer_round_trips_multilingual_text():
 
 # --- bit width -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "bits"), [
-    ("3.84bpw-tuned", 4), ("2.10bpw-tuned", 2), ("2.57bpw-tuned", 3), ("3.15bpw-tuned", 3),
-    ("GLM-4.7-EXL3-4bpw_H6", 4), ("8bpw_H8", 8), ("tiny-6bpw", 6), ("GLM-4.7-EXL3", None), ("tiny", None),
-])
+
+@pytest.mark.parametrize(
+    ("name", "bits"),
+    [
+        ("3.84bpw-tuned", 4),
+        ("2.10bpw-tuned", 2),
+        ("2.57bpw-tuned", 3),
+        ("3.15bpw-tuned", 3),
+        ("GLM-4.7-EXL3-4bpw_H6", 4),
+        ("8bpw_H8", 8),
+        ("tiny-6bpw", 6),
+        ("GLM-4.7-EXL3", None),
+        ("tiny", None),
+    ],
+)
 def test_bits_come_from_the_leading_bpw_of_the_model_name(tmp_path, name, bits):
     # the deploy tests name the model after the quant branch (TabbyAPI's model_name is the folder)
     assert prepare({"model": {"model_name": name}}, tmp_path).options.bits == bits
@@ -203,8 +270,9 @@ def test_explicit_bits_win_over_the_model_name(tmp_path, setting, bits):
 
 
 def test_bits_env_overrides_the_config_file(tmp_path, monkeypatch):
-    (tmp_path / "config.yml").write_text(yaml.safe_dump({"model": {"model_name": "8bpw_H8"},
-                                                        "test_server": {"bits": 6}}))
+    (tmp_path / "config.yml").write_text(
+        yaml.safe_dump({"model": {"model_name": "8bpw_H8"}, "test_server": {"bits": 6}})
+    )
     monkeypatch.setenv("GLM_TEST_SERVER_BITS", "2.57")
     assert prepare(load_config(tmp_path), tmp_path).options.bits == 3
 
@@ -226,11 +294,12 @@ def test_a_tuned_quant_name_serves_the_rounded_width(tmp_path):
     served = sorted(top.values(), reverse=True)
     for bits, same in ((4, True), (3, False), (None, False)):
         model = TinyModel(bits=bits)
-        expected = np.sort(model.logprobs(model.tokenizer.encode(prompt)))[::-1][:len(served)]
+        expected = np.sort(model.logprobs(model.tokenizer.encode(prompt)))[::-1][: len(served)]
         assert np.allclose(served, expected) is same, bits
 
 
 # --- reasoning structure ------------------------------------------------------------------------------------------
+
 
 def _chat(server, body: dict) -> dict:
     return _post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]
@@ -244,18 +313,29 @@ def test_chat_reasoning_is_one_well_formed_block_then_content_at_any_bit_width(t
         raw_dir, split_dir = tmp_path / f"raw{seed}", tmp_path / f"split{seed}"
         raw_dir.mkdir()
         split_dir.mkdir()
-        raw = testing.start(raw_dir, api_key=KEY, model={"model_name": "tiny", "reasoning": False},
-                            test_server={"bits": bits, "seed": seed})
-        split = testing.start(split_dir, api_key=KEY, model={"model_name": "tiny", "reasoning": True},
-                              test_server={"bits": bits, "seed": seed})
+        raw = testing.start(
+            raw_dir,
+            api_key=KEY,
+            model={"model_name": "tiny", "reasoning": False},
+            test_server={"bits": bits, "seed": seed},
+        )
+        split = testing.start(
+            split_dir,
+            api_key=KEY,
+            model={"model_name": "tiny", "reasoning": True},
+            test_server={"bits": bits, "seed": seed},
+        )
         try:
             for prompt in prompts:
                 for temperature, max_tokens in ((0, 64), (1.0, 64), (2.0, 24), (1.0, 5), (1.0, 3)):
-                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                            "temperature": temperature}
+                    body = {
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": max_tokens,
+                        "temperature": temperature,
+                    }
                     text = _chat(raw, body)["content"]
                     assert text.startswith("<think>") and text.count("<think>") == 1, text
-                    reasoning, end, content = text[len("<think>"):].partition("</think>")
+                    reasoning, end, content = text[len("<think>") :].partition("</think>")
                     assert end and content and "<think>" not in content and "</think>" not in content, text
                     message = _chat(split, body)
                     assert (message["reasoning_content"] or "", message["content"]) == (reasoning, content)
@@ -265,12 +345,19 @@ def test_chat_reasoning_is_one_well_formed_block_then_content_at_any_bit_width(t
 
 
 def test_without_thinking_no_marker_is_ever_sampled(tmp_path):
-    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny", "reasoning": True},
-                            test_server={"bits": 2, "think": False})
+    running = testing.start(
+        tmp_path,
+        api_key=KEY,
+        model={"model_name": "tiny", "reasoning": True},
+        test_server={"bits": 2, "think": False},
+    )
     try:
         for temperature in (0, 1.0, 2.0):
-            body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 64,
-                    "temperature": temperature}
+            body = {
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 64,
+                "temperature": temperature,
+            }
             message = _chat(running, body)
             assert message["content"] and message["reasoning_content"] is None
             assert "<think>" not in message["content"] and "</think>" not in message["content"]
@@ -280,11 +367,12 @@ def test_without_thinking_no_marker_is_ever_sampled(tmp_path):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_verify_function_check_passes_a_2_bit_server_with_a_reasoning_parser(tmp_path, seed):
-    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "2bpw_H6", "reasoning": True},
-                            test_server={"seed": seed})
+    running = testing.start(
+        tmp_path, api_key=KEY, model={"model_name": "2bpw_H6", "reasoning": True}, test_server={"seed": seed}
+    )
     client = TabbyClient(running.url, KEY)
     try:
-        check = check_function(client, Expectations())
+        check = check_function(client, profile_reasoning_markers("glm-4.7"))
     finally:
         client.close()
         running.stop()

@@ -30,25 +30,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import safety
+from .. import validate
+from ..detect.gpu_spec import parse_gpu_spec
+from ..detect.inventory import Gpu, GpuInventory
 from ..errors import BadInput, ToolkitError
-from ..gpu_spec import parse_gpu_spec
-from ..inventory import Gpu, GpuInventory
-from ..memory import parse_cache_mode
-from ..plan import PlanRequest
+from ..facts.runtime import DEFAULT_HOST_PORT
+from ..plan.memory import parse_cache_mode
+from ..plan.plan import PlanRequest
 from .yaml_lines import Located, Path_, load_located
 
 STACK_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 # RFC 1123 host names (what `docker node ls` shows), one or more dot-separated labels.
-NODE_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+NODE_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
 URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]{1,255}(?::[0-9]{1,5})?/?$")
 RESERVED_LABEL_PREFIX = "glm-deploy."
 MAX_NODES = 256
 MAX_REPLICAS_PER_NODE = 16
-TOP_KEYS = {"name", "profile", "image", "gateway_image", "models_dir", "nodes", "requirements", "replicas", "endpoint"}
+TOP_KEYS = {
+    "name",
+    "profile",
+    "image",
+    "gateway_image",
+    "models_dir",
+    "nodes",
+    "requirements",
+    "replicas",
+    "endpoint",
+}
 NODE_KEYS = {"name", "gpus", "labels", "replicas", "url"}
 REQUIREMENT_KEYS = {"context", "cache", "quant"}
 ENDPOINT_KEYS = {"port", "bind", "mode"}
@@ -91,7 +104,9 @@ def load_fleet(path: Path | str) -> Fleet:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise BadInput(f"cannot read --inventory {path} ({exc.strerror})", "give the fleet.yaml path") from None
+        raise BadInput(
+            f"cannot read --inventory {path} ({exc.strerror})", "give the fleet.yaml path"
+        ) from None
     except UnicodeDecodeError:
         raise BadInput(f"--inventory {path} is not UTF-8 text", "give the fleet.yaml path") from None
     return parse_fleet(load_located(text, str(path)), path.parent)
@@ -121,7 +136,7 @@ def _text(doc: Located, path: Path_, value: Any, pattern: re.Pattern[str], what:
 
 
 def _checked(doc: Located, path: Path_, check: Any, *args: Any) -> Any:
-    """Run a shared validator (toolkit.safety, gpu_spec, cache modes); re-raise its error at this line."""
+    """Run a shared validator (toolkit.validate, gpu_spec, cache modes); re-raise its error at this line."""
     try:
         return check(*args)
     except ToolkitError as exc:
@@ -131,28 +146,46 @@ def _checked(doc: Located, path: Path_, check: Any, *args: Any) -> Any:
 def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
     """Validate the parsed document; relative detect-JSON paths resolve against base_dir."""
     top = _mapping(doc, (), doc.value if doc.value is not None else {}, TOP_KEYS)
-    name = _text(doc, ("name",), top.get("name", "glm"), STACK_NAME,
-                 "a stack name (lower-case letters, digits and '-', up to 20, starting with a letter)")
-    profile = _checked(doc, ("profile",), safety.safe_name, top.get("profile", "glm-4.7"), "profile")
+    name = _text(
+        doc,
+        ("name",),
+        top.get("name", "glm"),
+        STACK_NAME,
+        "a stack name (lower-case letters, digits and '-', up to 20, starting with a letter)",
+    )
+    profile = _checked(doc, ("profile",), validate.safe_name, top.get("profile", "glm-4.7"), "profile")
     image = top.get("image")
     if image is not None:
-        image = _checked(doc, ("image",), safety.image_ref, image, "image")
-    gateway_image = _checked(doc, ("gateway_image",), safety.image_ref,
-                             top.get("gateway_image", DEFAULT_GATEWAY_IMAGE), "gateway_image")
-    models_dir = _checked(doc, ("models_dir",), safety.host_path, top.get("models_dir", DEFAULT_MODELS_DIR),
-                          "models_dir")
+        image = _checked(doc, ("image",), validate.image_ref, image, "image")
+    gateway_image = _checked(
+        doc,
+        ("gateway_image",),
+        validate.image_ref,
+        top.get("gateway_image", DEFAULT_GATEWAY_IMAGE),
+        "gateway_image",
+    )
+    models_dir = _checked(
+        doc, ("models_dir",), validate.host_path, top.get("models_dir", DEFAULT_MODELS_DIR), "models_dir"
+    )
     default_replicas = _int(doc, ("replicas",), top.get("replicas", 1), 1, MAX_REPLICAS_PER_NODE)
     request = _requirements(doc, top.get("requirements", {}))
     endpoint = _mapping(doc, ("endpoint",), top.get("endpoint", {}), ENDPOINT_KEYS)
-    port = _checked(doc, ("endpoint", "port"), safety.port, endpoint.get("port", 5000), "endpoint.port")
-    bind = _checked(doc, ("endpoint", "bind"), safety.bind_address, endpoint.get("bind", "127.0.0.1"))
+    port = _checked(
+        doc, ("endpoint", "port"), validate.port, endpoint.get("port", DEFAULT_HOST_PORT), "endpoint.port"
+    )
+    bind = _checked(doc, ("endpoint", "bind"), validate.bind_address, endpoint.get("bind", "127.0.0.1"))
     endpoint_mode = endpoint.get("mode", "host")
     if endpoint_mode not in ENDPOINT_MODES:
-        raise doc.error(("endpoint", "mode"), f"{endpoint_mode!r} is not host or ingress",
-                        "host: on every node (no IPVS needed); ingress: Swarm's routing mesh")
+        raise doc.error(
+            ("endpoint", "mode"),
+            f"{endpoint_mode!r} is not host or ingress",
+            "host: on every node (no IPVS needed); ingress: Swarm's routing mesh",
+        )
     raw_nodes = top.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
-        raise doc.error(("nodes",), "must be a non-empty list of nodes", "e.g. nodes: [{name: gpu-a, gpus: 8x24GiB}]")
+        raise doc.error(
+            ("nodes",), "must be a non-empty list of nodes", "e.g. nodes: [{name: gpu-a, gpus: 8x24GiB}]"
+        )
     if len(raw_nodes) > MAX_NODES:
         raise doc.error(("nodes",), f"has {len(raw_nodes)} nodes, at most {MAX_NODES} are supported")
     nodes: list[FleetNode] = []
@@ -163,9 +196,19 @@ def parse_fleet(doc: Located, base_dir: Path) -> Fleet:
             raise doc.error(("nodes", index, "name"), f"node {node.name!r} is listed twice")
         seen.add(node.name.lower())
         nodes.append(node)
-    return Fleet(name=name, profile=profile, image=image, gateway_image=gateway_image, models_dir=models_dir,
-                 nodes=tuple(nodes), request=request, port=port, bind=bind, endpoint_mode=endpoint_mode,
-                 source=doc.source)
+    return Fleet(
+        name=name,
+        profile=profile,
+        image=image,
+        gateway_image=gateway_image,
+        models_dir=models_dir,
+        nodes=tuple(nodes),
+        request=request,
+        port=port,
+        bind=bind,
+        endpoint_mode=endpoint_mode,
+        source=doc.source,
+    )
 
 
 def _requirements(doc: Located, raw: Any) -> PlanRequest:
@@ -184,9 +227,10 @@ def _requirements(doc: Located, raw: Any) -> PlanRequest:
         cache = _checked(doc, ("requirements", "cache"), parse_cache_mode, cache).label
     quant = values.get("quant")
     if quant is not None:
-        quant = _checked(doc, ("requirements", "quant"), safety.safe_name, quant, "requirements.quant")
-    return PlanRequest(context=None if context_max else context, context_max=context_max, cache=cache,
-                       quant=quant)
+        quant = _checked(doc, ("requirements", "quant"), validate.safe_name, quant, "requirements.quant")
+    return PlanRequest(
+        context=None if context_max else context, context_max=context_max, cache=cache, quant=quant
+    )
 
 
 def _node(doc: Located, path: Path_, raw: Any, default_replicas: int, base_dir: Path) -> FleetNode:
@@ -203,18 +247,35 @@ def _node(doc: Located, path: Path_, raw: Any, default_replicas: int, base_dir: 
         label_path = path + ("labels", key)
         _text(doc, label_path, key, LABEL_KEY, "a label key (lower-case letters, digits, '.', '_', '-')")
         if key.startswith(RESERVED_LABEL_PREFIX):
-            raise doc.error(label_path, f"labels starting with {RESERVED_LABEL_PREFIX!r} are set by glm-deploy")
+            raise doc.error(
+                label_path, f"labels starting with {RESERVED_LABEL_PREFIX!r} are set by glm-deploy"
+            )
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
-        labels.append((key, _text(doc, label_path, value, LABEL_VALUE,
-                                  "a label value (letters, digits, '.', '_', '-', up to 63)")))
-    replicas = _int(doc, path + ("replicas",), values.get("replicas", default_replicas), 1, MAX_REPLICAS_PER_NODE)
+        labels.append(
+            (
+                key,
+                _text(
+                    doc,
+                    label_path,
+                    value,
+                    LABEL_VALUE,
+                    "a label value (letters, digits, '.', '_', '-', up to 63)",
+                ),
+            )
+        )
+    replicas = _int(
+        doc, path + ("replicas",), values.get("replicas", default_replicas), 1, MAX_REPLICAS_PER_NODE
+    )
     url = values.get("url")
     if url is not None:
         url = _text(doc, path + ("url",), url, URL, "an http(s)://host:port URL").rstrip("/")
         if replicas != 1:
-            raise doc.error(path + ("url",), f"names one replica, but the node runs {replicas}",
-                            "drop url (cluster verify finds replicas through the Swarm manager)")
+            raise doc.error(
+                path + ("url",),
+                f"names one replica, but the node runs {replicas}",
+                "drop url (cluster verify finds replicas through the Swarm manager)",
+            )
     inventory = _gpus(doc, path + ("gpus",), values["gpus"], base_dir)
     return FleetNode(name=name, inventory=inventory, labels=tuple(sorted(labels)), replicas=replicas, url=url)
 
@@ -222,8 +283,12 @@ def _node(doc: Located, path: Path_, raw: Any, default_replicas: int, base_dir: 
 def _gpus(doc: Located, path: Path_, raw: Any, base_dir: Path) -> GpuInventory:
     """A spec string, a path to `deploy detect --json` output, or that JSON inline as a mapping."""
     if isinstance(raw, dict):
-        return inventory_from_json(raw, lambda problem: doc.error(path, problem, "give `deploy detect --json` "
-                                                                                "output or a spec like 8x24GiB"))
+        return inventory_from_json(
+            raw,
+            lambda problem: doc.error(
+                path, problem, "give `deploy detect --json` output or a spec like 8x24GiB"
+            ),
+        )
     if not isinstance(raw, str) or not raw.strip():
         raise doc.error(path, "must be a GPU spec (8x24GiB), a detect JSON file, or that JSON inline")
     if raw.endswith(".json") or "/" in raw:
@@ -231,12 +296,14 @@ def _gpus(doc: Located, path: Path_, raw: Any, base_dir: Path) -> GpuInventory:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise doc.error(path, f"cannot read {file} ({exc.strerror})",
-                            "run `deploy detect --json > FILE` on that node") from None
+            raise doc.error(
+                path, f"cannot read {file} ({exc.strerror})", "run `deploy detect --json > FILE` on that node"
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise doc.error(path, f"{file} is not JSON", "give `deploy detect --json` output") from None
-        return inventory_from_json(data, lambda problem: doc.error(path, f"{file}: {problem}",
-                                                                   "give `deploy detect --json` output"))
+        return inventory_from_json(
+            data, lambda problem: doc.error(path, f"{file}: {problem}", "give `deploy detect --json` output")
+        )
     return _checked(doc, path, parse_gpu_spec, raw)
 
 
@@ -259,23 +326,36 @@ def inventory_from_json(data: Any, fail: Any) -> GpuInventory:
         if not isinstance(name, str) or not name or len(name) > 100 or any(ord(c) < 32 for c in name):
             raise fail(f"{where}.name must be a GPU name, got {name!r}")
         uuid = gpu.get("uuid")
-        if uuid is not None and (not isinstance(uuid, str) or not safety.DEVICE_ID.match(uuid)):
+        if uuid is not None and (not isinstance(uuid, str) or not validate.DEVICE_ID.match(uuid)):
             raise fail(f"{where}.uuid {uuid!r} is not an NVML UUID")
         capability = gpu.get("compute_capability")
-        if capability is not None and (not isinstance(capability, str)
-                                       or not safety.COMPUTE_CAPABILITY.match(capability)):
+        if capability is not None and (
+            not isinstance(capability, str) or not validate.COMPUTE_CAPABILITY.match(capability)
+        ):
             raise fail(f"{where}.compute_capability {capability!r} is not of the form N.M")
         used = gpu.get("used_mib", 0)
-        gpus.append(Gpu(index=gpu["index"], name=name, total_mib=gpu["total_mib"], free_mib=gpu["free_mib"],
-                        used_mib=used if isinstance(used, int) and not isinstance(used, bool) else 0,
-                        uuid=uuid, compute_capability=capability))
+        gpus.append(
+            Gpu(
+                index=gpu["index"],
+                name=name,
+                total_mib=gpu["total_mib"],
+                free_mib=gpu["free_mib"],
+                used_mib=used if isinstance(used, int) and not isinstance(used, bool) else 0,
+                uuid=uuid,
+                compute_capability=capability,
+            )
+        )
     if sorted(g.index for g in gpus) != list(range(len(gpus))):
         raise fail("gpu indices must be 0..n-1, each once")
     cuda = data.get("cuda_driver_version")
-    if cuda is not None and (not isinstance(cuda, str) or not safety.CUDA_VERSION.match(cuda)):
+    if cuda is not None and (not isinstance(cuda, str) or not validate.CUDA_VERSION.match(cuda)):
         raise fail(f"cuda_driver_version {cuda!r} is not a version like 12.8")
     driver = data.get("driver_version")
     if driver is not None and (not isinstance(driver, str) or not re.fullmatch(r"[0-9][0-9.]{0,30}", driver)):
         raise fail(f"driver_version {driver!r} is not a version")
-    return GpuInventory(gpus=tuple(sorted(gpus, key=lambda g: g.index)), source=str(data.get("source", "file")),
-                        driver_version=driver, cuda_driver_version=cuda)
+    return GpuInventory(
+        gpus=tuple(sorted(gpus, key=lambda g: g.index)),
+        source=str(data.get("source", "file")),
+        driver_version=driver,
+        cuda_driver_version=cuda,
+    )

@@ -21,11 +21,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..detect.inventory import Gpu, GpuInventory
 from ..errors import BadInput, NoFit
-from ..inventory import Gpu, GpuInventory
-from ..plan import Plan, PlanRequest
-from ..planner import make_plan
-from ..profiles import ModelProfile
+from ..facts.profiles import ModelProfile
+from ..plan.plan import Plan, PlanRequest
+from ..plan.planner import make_plan
 from .fleet import Fleet, FleetNode
 
 CLASS_LABEL = "glm-deploy.class"
@@ -79,13 +79,32 @@ class FleetPlan:
             "warnings": list(self.warnings),
             "suggested_quant": self.suggested_quant,
             "endpoint": {"port": self.fleet.port, "bind": self.fleet.bind},
-            "nodes": [{"name": node.name, "class": c.name, "quant": c.plan.quant, "context": c.plan.context,
-                       "cache_mode": c.plan.cache_mode, "split": c.plan.split, "gpus": len(c.plan.per_gpu),
-                       "expected_kl": c.plan.expected.kl, "replicas": node.replicas}
-                      for c in self.classes for node in c.nodes],
-            "classes": [{"class": c.name, "service": c.service, "nodes": [n.name for n in c.nodes],
-                         "replicas": c.replicas, "gpus_per_replica": len(c.plan.per_gpu), "plan": c.plan.to_dict()}
-                        for c in self.classes],
+            "nodes": [
+                {
+                    "name": node.name,
+                    "class": c.name,
+                    "quant": c.plan.quant,
+                    "context": c.plan.context,
+                    "cache_mode": c.plan.cache_mode,
+                    "split": c.plan.split,
+                    "gpus": len(c.plan.per_gpu),
+                    "expected_kl": c.plan.expected.kl,
+                    "replicas": node.replicas,
+                }
+                for c in self.classes
+                for node in c.nodes
+            ],
+            "classes": [
+                {
+                    "class": c.name,
+                    "service": c.service,
+                    "nodes": [n.name for n in c.nodes],
+                    "replicas": c.replicas,
+                    "gpus_per_replica": len(c.plan.per_gpu),
+                    "plan": c.plan.to_dict(),
+                }
+                for c in self.classes
+            ],
         }
 
 
@@ -112,7 +131,7 @@ def class_name(inventory: GpuInventory) -> str:
     text = "-".join(f"{count}x{name}" + (f"-{total}mib" if ambiguous else "") for count, name, total in runs)
     if len(text) > MAX_CLASS_NAME:
         digest = hashlib.sha256(repr(class_key(inventory)).encode()).hexdigest()[:8]
-        text = f"{text[:MAX_CLASS_NAME - 9].rstrip('-')}-{digest}"
+        text = f"{text[: MAX_CLASS_NAME - 9].rstrip('-')}-{digest}"
     return text
 
 
@@ -127,15 +146,27 @@ def class_inventory(nodes: tuple[FleetNode, ...]) -> GpuInventory:
     for position, gpu in enumerate(first):
         peers = [sorted(n.inventory.gpus, key=lambda g: g.index)[position] for n in nodes]
         capabilities = {p.compute_capability for p in peers}
-        gpus.append(Gpu(index=position, name=gpu.name, total_mib=gpu.total_mib,
-                        free_mib=min(p.free_mib for p in peers), used_mib=max(p.used_mib for p in peers),
-                        compute_capability=capabilities.pop() if len(capabilities) == 1 else None))
+        gpus.append(
+            Gpu(
+                index=position,
+                name=gpu.name,
+                total_mib=gpu.total_mib,
+                free_mib=min(p.free_mib for p in peers),
+                used_mib=max(p.used_mib for p in peers),
+                compute_capability=capabilities.pop() if len(capabilities) == 1 else None,
+            )
+        )
     cudas = [n.inventory.cuda_driver_version for n in nodes]
     cuda = None if None in cudas else min(cudas, key=_version)  # type: ignore[arg-type]
     drivers = [n.inventory.driver_version for n in nodes]
     driver = None if None in drivers else min(drivers, key=_version)  # type: ignore[arg-type]
-    return GpuInventory(gpus=tuple(gpus), source="fleet", driver_version=driver, cuda_driver_version=cuda,
-                        extra={"nodes": [n.name for n in nodes]})
+    return GpuInventory(
+        gpus=tuple(gpus),
+        source="fleet",
+        driver_version=driver,
+        cuda_driver_version=cuda,
+        extra={"nodes": [n.name for n in nodes]},
+    )
 
 
 def group_nodes(fleet: Fleet) -> list[tuple[str, tuple[FleetNode, ...]]]:
@@ -145,12 +176,17 @@ def group_nodes(fleet: Fleet) -> list[tuple[str, tuple[FleetNode, ...]]]:
         groups.setdefault(class_key(node.inventory), []).append(node)
     named = [(class_name(nodes[0].inventory), tuple(nodes)) for nodes in groups.values()]
     if len({name for name, _ in named}) < len(named):  # hashed long names collide only by accident
-        named = [(f"{name[:MAX_CLASS_NAME - 3]}-c{i}", nodes) for i, (name, nodes) in enumerate(named)]
+        named = [(f"{name[: MAX_CLASS_NAME - 3]}-c{i}", nodes) for i, (name, nodes) in enumerate(named)]
     return named
 
 
-def _plan_class(profile: ModelProfile, name: str, nodes: tuple[FleetNode, ...], inventory: GpuInventory,
-                request: PlanRequest) -> Plan:
+def _plan_class(
+    profile: ModelProfile,
+    name: str,
+    nodes: tuple[FleetNode, ...],
+    inventory: GpuInventory,
+    request: PlanRequest,
+) -> Plan:
     """make_plan for one class; errors name the class and its nodes."""
     try:
         return make_plan(profile, inventory, request)
@@ -164,33 +200,56 @@ def plan_fleet(fleet: Fleet, profile: ModelProfile) -> FleetPlan:
     classes = []
     for name, nodes in group_nodes(fleet):
         inventory = class_inventory(nodes)
-        classes.append(NodeClass(name, nodes, inventory,
-                                 _plan_class(profile, name, nodes, inventory, fleet.request)))
+        classes.append(
+            NodeClass(name, nodes, inventory, _plan_class(profile, name, nodes, inventory, fleet.request))
+        )
     contexts = {c.plan.context for c in classes}
     warnings: list[str] = []
     if len(contexts) > 1:
         context = min(contexts)
-        warnings.append(f"classes reach different contexts ({', '.join(f'{c.name} {c.plan.context}' for c in classes)}"
-                        f"); every replica is configured for {context} so that one endpoint accepts the same "
-                        "requests everywhere (require more with requirements.context)")
-        classes = [replace(c, plan=_plan_class(profile, c.name, c.nodes, c.inventory,
-                                               PlanRequest(context=context, cache=c.plan.cache_mode,
-                                                           quant=c.plan.quant, split=c.plan.split,
-                                                           headroom_mib=fleet.request.headroom_mib)))
-                   for c in classes]
+        warnings.append(
+            f"classes reach different contexts ({', '.join(f'{c.name} {c.plan.context}' for c in classes)}"
+            f"); every replica is configured for {context} so that one endpoint accepts the same "
+            "requests everywhere (require more with requirements.context)"
+        )
+        classes = [
+            replace(
+                c,
+                plan=_plan_class(
+                    profile,
+                    c.name,
+                    c.nodes,
+                    c.inventory,
+                    PlanRequest(
+                        context=context,
+                        cache=c.plan.cache_mode,
+                        quant=c.plan.quant,
+                        split=c.plan.split,
+                        headroom_mib=fleet.request.headroom_mib,
+                    ),
+                ),
+            )
+            for c in classes
+        ]
     modes = {c.plan.cache_mode for c in classes}
     if len(modes) > 1:
-        warnings.append("classes use different KV-cache modes ("
-                        + ", ".join(f"{c.name} {c.plan.cache_mode}" for c in classes)
-                        + "): answers can differ slightly between replicas (fix requirements.cache to align them)")
+        warnings.append(
+            "classes use different KV-cache modes ("
+            + ", ".join(f"{c.name} {c.plan.cache_mode}" for c in classes)
+            + "): answers can differ slightly between replicas (fix requirements.cache to align them)"
+        )
     suggestion = None
     quants = {c.plan.quant for c in classes}
     if len(quants) > 1:
         suggestion = common_quant(fleet, profile, classes)
-        warnings.append("classes would serve different quants behind one endpoint ("
-                        + ", ".join(f"{c.name} {c.plan.quant} KL {c.plan.expected.kl:.3f}" for c in classes)
-                        + "): the same request gets different answers depending on the replica")
-    return FleetPlan(fleet=fleet, classes=tuple(classes), warnings=tuple(warnings), suggested_quant=suggestion)
+        warnings.append(
+            "classes would serve different quants behind one endpoint ("
+            + ", ".join(f"{c.name} {c.plan.quant} KL {c.plan.expected.kl:.3f}" for c in classes)
+            + "): the same request gets different answers depending on the replica"
+        )
+    return FleetPlan(
+        fleet=fleet, classes=tuple(classes), warnings=tuple(warnings), suggested_quant=suggestion
+    )
 
 
 def common_quant(fleet: Fleet, profile: ModelProfile, classes: list[NodeClass]) -> str | None:
@@ -210,7 +269,12 @@ def require_uniform(fleet_plan: FleetPlan, allow_mixed: bool) -> None:
     """Refuse (exit 2) a fleet whose replicas would serve different quants, unless the user allowed it."""
     if fleet_plan.mixed and not allow_mixed:
         quants = ", ".join(f"{c.name}: {c.plan.quant}" for c in fleet_plan.classes)
-        hint = (f"set requirements.quant: {fleet_plan.suggested_quant} (the lowest-KL quant every class fits)"
-                if fleet_plan.suggested_quant else "group nodes with similar GPUs into separate fleets")
-        raise BadInput(f"node classes would serve different quants behind one endpoint ({quants})",
-                       hint + ", or pass --allow-mixed")
+        hint = (
+            f"set requirements.quant: {fleet_plan.suggested_quant} (the lowest-KL quant every class fits)"
+            if fleet_plan.suggested_quant
+            else "group nodes with similar GPUs into separate fleets"
+        )
+        raise BadInput(
+            f"node classes would serve different quants behind one endpoint ({quants})",
+            hint + ", or pass --allow-mixed",
+        )

@@ -33,37 +33,37 @@ from typing import Any
 
 import yaml
 
-from .. import __version__, safety
+from .. import __version__, validate
 from ..atomic import write_text
 from ..errors import BadInput
-from ..render import IMAGE_USER_ID, RenderOptions, load_or_make_api_tokens, render_files
+from ..facts import layout
+from ..facts.layout import API_TOKENS
+from ..facts.runtime import CONTAINER_API_TOKENS, CONTAINER_CONFIG, CONTAINER_MODELS_DIR, CONTAINER_PORT
+from ..render.bundle import IMAGE_USER_ID, RenderOptions, load_or_make_api_tokens, render_files
 from .fleet_plan import CLASS_LABEL, FleetPlan, NodeClass
 
-CONTAINER_PORT = 5000
 GPU_KIND = "NVIDIA-GPU"
 GATEWAY_SERVICE = "gateway"
 GATEWAY_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
-MANIFEST = "cluster.json"
-API_TOKENS = "api_tokens.yml"
 SECRET_MODE = 0o600
 # /dev/shm as TabbyAPI's compose sizes it (Swarm has no shm_size; a tmpfs mount does the same).
 SHM_BYTES = 8 * 2**30
 NOFILE = 1048576
 STOP_GRACE_S = 300  # uvicorn finishes in-flight requests (long generations) on SIGTERM before it exits
-CLASS_FILES = ("Dockerfile", "ensure-pr295.sh", ".dockerignore", "config.yml", "plan.json")
+CLASS_FILES = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.DOCKERIGNORE, layout.CONFIG, layout.PLAN)
 
 
 @dataclass(frozen=True)
 class StackOptions:
     """Choices besides the fleet: images, health-check cadence, update monitoring, endpoint publish mode."""
 
-    image: str | None = None          # one image for every class (default: fleet.yaml image, else per class)
+    image: str | None = None  # one image for every class (default: fleet.yaml image, else per class)
     gateway_image: str | None = None  # default: fleet.yaml gateway_image
     health_interval_s: int = 15
     health_retries: int = 3
-    monitor_s: int = 60               # Swarm watches each updated task this long before the update succeeds
+    monitor_s: int = 60  # Swarm watches each updated task this long before the update succeeds
     endpoint_mode: str | None = None  # default: fleet.yaml endpoint.mode (host | ingress)
-    ulimits: bool = True              # False only where the engine may not raise limits (no CAP_SYS_RESOURCE)
+    ulimits: bool = True  # False only where the engine may not raise limits (no CAP_SYS_RESOURCE)
     force: bool = False
 
 
@@ -71,10 +71,16 @@ def _hash(text: str, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def _class_files(node_class: NodeClass, fleet_plan: FleetPlan, out_dir: Path, api_tokens: str) -> dict[str, Any]:
+def _class_files(
+    node_class: NodeClass, fleet_plan: FleetPlan, out_dir: Path, api_tokens: str
+) -> dict[str, Any]:
     """The renderer's files for a class (Dockerfile, config.yml, ...) and its manifest."""
-    options = RenderOptions(models_dir=fleet_plan.fleet.models_dir, port=fleet_plan.fleet.port,
-                            bind=fleet_plan.fleet.bind, run_as=(IMAGE_USER_ID, IMAGE_USER_ID))
+    options = RenderOptions(
+        models_dir=fleet_plan.fleet.models_dir,
+        port=fleet_plan.fleet.port,
+        bind=fleet_plan.fleet.bind,
+        run_as=(IMAGE_USER_ID, IMAGE_USER_ID),
+    )
     files = render_files(node_class.plan, out_dir / "classes" / node_class.name, options, api_tokens)
     return {"files": files, "manifest": json.loads(files["render.json"][0])}
 
@@ -117,28 +123,57 @@ def gateway_config(fleet_plan: FleetPlan) -> str:
         "    option httpchk GET /health",
         "    http-check expect status 200",
         "    # a replica that refuses or drops a connection is out at once, not after two failed checks",
-        ("    default-server check inter 2s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down "
-        "resolvers docker init-addr none resolve-prefer ipv4"),
+        (
+            "    default-server check inter 2s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down "
+            "resolvers docker init-addr none resolve-prefer ipv4"
+        ),
     ]
     for index, node_class in enumerate(fleet_plan.classes):
         slots = max(4, 2 * node_class.replicas + 2)  # room for start-first updates
-        lines.append(f"    server-template c{index}- {slots} tasks.{stack}_{node_class.service}:{CONTAINER_PORT}")
+        lines.append(
+            f"    server-template c{index}- {slots} tasks.{stack}_{node_class.service}:{CONTAINER_PORT}"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _tabby_service(node_class: NodeClass, image: str, config_key: str, start_period_s: int, folder: str,
-                   models_dir: str, options: StackOptions) -> dict[str, Any]:
+def _tabby_service(
+    node_class: NodeClass,
+    image: str,
+    config_key: str,
+    start_period_s: int,
+    folder: str,
+    models_dir: str,
+    options: StackOptions,
+) -> dict[str, Any]:
     """One class's TabbyAPI service."""
     service: dict[str, Any] = {
-        "image": safety.image_ref(image, "image"),
+        "image": validate.image_ref(image, "image"),
         "init": True,
-        "configs": [{"source": config_key, "target": "/app/config.yml", "uid": str(IMAGE_USER_ID),
-                     "gid": str(IMAGE_USER_ID), "mode": 0o444}],
-        "secrets": [{"source": "api_tokens", "target": "/app/api_tokens.yml", "uid": str(IMAGE_USER_ID),
-                     "gid": str(IMAGE_USER_ID), "mode": 0o400}],
+        "configs": [
+            {
+                "source": config_key,
+                "target": CONTAINER_CONFIG,
+                "uid": str(IMAGE_USER_ID),
+                "gid": str(IMAGE_USER_ID),
+                "mode": 0o444,
+            }
+        ],
+        "secrets": [
+            {
+                "source": "api_tokens",
+                "target": CONTAINER_API_TOKENS,
+                "uid": str(IMAGE_USER_ID),
+                "gid": str(IMAGE_USER_ID),
+                "mode": 0o400,
+            }
+        ],
         "volumes": [
-            {"type": "bind", "source": f"{models_dir}/{folder}", "target": f"/app/models/{folder}",
-             "read_only": True},
+            {
+                "type": "bind",
+                "source": f"{models_dir}/{folder}",
+                "target": f"{CONTAINER_MODELS_DIR}/{folder}",
+                "read_only": True,
+            },
             {"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": SHM_BYTES}},
         ],
         "ulimits": {"memlock": -1, "nofile": {"soft": NOFILE, "hard": NOFILE}},
@@ -156,15 +191,32 @@ def _tabby_service(node_class: NodeClass, image: str, config_key: str, start_per
             "mode": "replicated",
             "replicas": node_class.replicas,
             "placement": {"constraints": [f"node.labels.{CLASS_LABEL} == {node_class.name}"]},
-            "resources": {"reservations": {"generic_resources": [
-                {"discrete_resource_spec": {"kind": GPU_KIND, "value": len(node_class.plan.per_gpu)}}]}},
-            "update_config": {"parallelism": 1, "delay": "5s", "order": "start-first",
-                              "failure_action": "rollback", "monitor": f"{options.monitor_s}s",
-                              "max_failure_ratio": 0},
-            "rollback_config": {"parallelism": 1, "order": "start-first", "failure_action": "pause",
-                                "monitor": f"{options.monitor_s}s"},
+            "resources": {
+                "reservations": {
+                    "generic_resources": [
+                        {"discrete_resource_spec": {"kind": GPU_KIND, "value": len(node_class.plan.per_gpu)}}
+                    ]
+                }
+            },
+            "update_config": {
+                "parallelism": 1,
+                "delay": "5s",
+                "order": "start-first",
+                "failure_action": "rollback",
+                "monitor": f"{options.monitor_s}s",
+                "max_failure_ratio": 0,
+            },
+            "rollback_config": {
+                "parallelism": 1,
+                "order": "start-first",
+                "failure_action": "pause",
+                "monitor": f"{options.monitor_s}s",
+            },
             "restart_policy": {"condition": "any", "delay": "5s"},
-            "labels": {"io.glm-deploy.class": node_class.name, "io.glm-deploy.plan": node_class.plan.digest()},
+            "labels": {
+                "io.glm-deploy.class": node_class.name,
+                "io.glm-deploy.plan": node_class.plan.digest(),
+            },
         },
     }
     if not options.ulimits:
@@ -179,16 +231,26 @@ def _gateway_service(fleet_plan: FleetPlan, options: StackOptions, config_key: s
     # Host-mode ports cannot be bound twice on a node, so a host-mode gateway is replaced stop-first.
     deploy: dict[str, Any] = {
         "mode": "global",
-        "update_config": {"parallelism": 1, "delay": "5s", "order": "start-first" if ingress else "stop-first",
-                          "failure_action": "rollback"},
+        "update_config": {
+            "parallelism": 1,
+            "delay": "5s",
+            "order": "start-first" if ingress else "stop-first",
+            "failure_action": "rollback",
+        },
         "restart_policy": {"condition": "any", "delay": "2s"},
     }
     return {
-        "image": safety.image_ref(image, "gateway image"),
+        "image": validate.image_ref(image, "gateway image"),
         "command": ["haproxy", "-W", "-db", "-f", GATEWAY_CONFIG_PATH],
         "configs": [{"source": config_key, "target": GATEWAY_CONFIG_PATH, "mode": 0o444}],
-        "ports": [{"target": CONTAINER_PORT, "published": fleet_plan.fleet.port, "protocol": "tcp",
-                   "mode": "ingress" if ingress else "host"}],
+        "ports": [
+            {
+                "target": CONTAINER_PORT,
+                "published": fleet_plan.fleet.port,
+                "protocol": "tcp",
+                "mode": "ingress" if ingress else "host",
+            }
+        ],
         "deploy": deploy,
     }
 
@@ -204,14 +266,20 @@ def label_commands(fleet_plan: FleetPlan) -> list[str]:
     return commands
 
 
-def stack_files(fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api_tokens: str) \
-        -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
+def stack_files(
+    fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api_tokens: str
+) -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
     """Every file of the cluster bundle as {relative path: (text, mode)}, and the manifest (pure)."""
     if options.endpoint_mode not in (None, "host", "ingress"):
-        raise BadInput(f"endpoint mode {options.endpoint_mode!r} is not host or ingress", "use host or ingress")
-    for value, what in ((options.health_interval_s, "health interval"), (options.monitor_s, "update monitor"),
-                        (options.health_retries, "health retries")):
-        safety.positive_int(value, what, 3600)
+        raise BadInput(
+            f"endpoint mode {options.endpoint_mode!r} is not host or ingress", "use host or ingress"
+        )
+    for value, what in (
+        (options.health_interval_s, "health interval"),
+        (options.monitor_s, "update monitor"),
+        (options.health_retries, "health retries"),
+    ):
+        validate.positive_int(value, what, 3600)
     fleet = fleet_plan.fleet
     stack = fleet.name
     files: dict[str, tuple[str, int]] = {API_TOKENS: (api_tokens, SECRET_MODE)}
@@ -223,22 +291,39 @@ def stack_files(fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api
         manifest = rendered["manifest"]
         for name in CLASS_FILES:
             files[f"classes/{node_class.name}/{name}"] = rendered["files"][name]
-        config_text = rendered["files"]["config.yml"][0]
+        config_text = rendered["files"][layout.CONFIG][0]
         config_key = f"config_{node_class.name}"
-        configs[config_key] = {"name": f"{stack}-{_hash(node_class.name + config_text)}",
-                               "file": f"./classes/{node_class.name}/config.yml"}
+        configs[config_key] = {
+            "name": f"{stack}-{_hash(node_class.name + config_text)}",
+            "file": f"./classes/{node_class.name}/{layout.CONFIG}",
+        }
         image = options.image or fleet.image or manifest["image"]
         services[node_class.service] = _tabby_service(
-            node_class, image, config_key, manifest["healthcheck_start_period_s"], manifest["model_folder"],
-            fleet.models_dir, options)
-        classes_manifest.append({"class": node_class.name, "service": f"{stack}_{node_class.service}",
-                                 "image": image, "built_here": image == manifest["image"],
-                                 "nodes": [n.name for n in node_class.nodes], "replicas": node_class.replicas,
-                                 "gpus_per_replica": len(node_class.plan.per_gpu),
-                                 "plan_digest": node_class.plan.digest(), "quant": node_class.plan.quant,
-                                 "model_id": manifest["model_folder"], "context": node_class.plan.context,
-                                 "cache_mode": node_class.plan.cache_mode,
-                                 "healthcheck_start_period_s": manifest["healthcheck_start_period_s"]})
+            node_class,
+            image,
+            config_key,
+            manifest["healthcheck_start_period_s"],
+            manifest["model_folder"],
+            fleet.models_dir,
+            options,
+        )
+        classes_manifest.append(
+            {
+                "class": node_class.name,
+                "service": f"{stack}_{node_class.service}",
+                "image": image,
+                "built_here": image == manifest["image"],
+                "nodes": [n.name for n in node_class.nodes],
+                "replicas": node_class.replicas,
+                "gpus_per_replica": len(node_class.plan.per_gpu),
+                "plan_digest": node_class.plan.digest(),
+                "quant": node_class.plan.quant,
+                "model_id": manifest["model_folder"],
+                "context": node_class.plan.context,
+                "cache_mode": node_class.plan.cache_mode,
+                "healthcheck_start_period_s": manifest["healthcheck_start_period_s"],
+            }
+        )
     gateway_text = gateway_config(fleet_plan)
     files["gateway/haproxy.cfg"] = (gateway_text, 0o644)
     configs["gateway"] = {"name": f"{stack}-gw-{_hash(gateway_text)}", "file": "./gateway/haproxy.cfg"}
@@ -248,13 +333,22 @@ def stack_files(fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api
         "services": services,
         "configs": configs,
         # Swarm secrets cannot change: a new key gets a new name (a hash of the file, not the key itself).
-        "secrets": {"api_tokens": {"name": f"{stack}-api-tokens-{_hash('glm-deploy:' + api_tokens)}",
-                                   "file": f"./{API_TOKENS}"}},
+        "secrets": {
+            "api_tokens": {
+                "name": f"{stack}-api-tokens-{_hash('glm-deploy:' + api_tokens)}",
+                "file": f"./{API_TOKENS}",
+            }
+        },
     }
-    header = (f"# Rendered by glm-deploy {__version__} (`deploy cluster render`) from {Path(fleet.source).name};"
-              " do not edit: re-render.\n"
-              f"# Deploy from this folder: docker stack deploy -c stack.yml {stack}\n")
-    files["stack.yml"] = (header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False), 0o644)
+    header = (
+        f"# Rendered by glm-deploy {__version__} (`deploy cluster render`) from {Path(fleet.source).name};"
+        " do not edit: re-render.\n"
+        f"# Deploy from this folder: docker stack deploy -c {layout.STACK} {stack}\n"
+    )
+    files[layout.STACK] = (
+        header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False),
+        0o644,
+    )
     for node_class in fleet_plan.classes:
         for node in node_class.nodes:
             # The node's own GPUs (UUIDs when its detect JSON had them) in the class's plan.
@@ -272,10 +366,13 @@ def stack_files(fleet_plan: FleetPlan, out_dir: Path, options: StackOptions, api
         "classes": classes_manifest,
         "mixed": fleet_plan.mixed,
         "label_commands": label_commands(fleet_plan),
-        "files": {name: _hash(text, 64) for name, (text, _) in sorted(files.items())
-                  if not name.endswith(API_TOKENS)},
+        "files": {
+            name: _hash(text, 64)
+            for name, (text, _) in sorted(files.items())
+            if not name.endswith(API_TOKENS)
+        },
     }
-    files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n", 0o644)
+    files[layout.CLUSTER_MANIFEST] = (json.dumps(manifest, indent=2) + "\n", 0o644)
     return files, manifest
 
 
@@ -283,12 +380,14 @@ def _owner(files: dict[str, tuple[str, int]], name: str) -> tuple[int, int] | No
     """Who must own a host bundle's key file: its compose user (only root can hand it over)."""
     if os.getuid() != 0 or not name.startswith("hosts/") or not name.endswith(API_TOKENS):
         return None
-    manifest = json.loads(files[name[: -len(API_TOKENS)] + "render.json"][0])
+    manifest = json.loads(files[name[: -len(API_TOKENS)] + layout.MANIFEST][0])
     uid, gid = (int(x) for x in manifest["run_as"].split(":"))
     return uid, gid
 
 
-def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOptions | None = None) -> dict[str, Any]:
+def write_stack(
+    fleet_plan: FleetPlan, out_dir: Path | str, options: StackOptions | None = None
+) -> dict[str, Any]:
     """Render into out_dir: a new folder appears whole (staged, then renamed); an existing one of ours is
     updated file by file with cluster.json last, and folders of classes or hosts no longer in the fleet go.
     Re-rendering keeps the API key. Returns the manifest."""
@@ -296,9 +395,11 @@ def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOption
     out_dir = Path(os.path.abspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInput(f"--out {out_dir} exists and is not a directory", "choose another --out")
-    ours = (out_dir / MANIFEST).is_file()
+    ours = (out_dir / layout.CLUSTER_MANIFEST).is_file()
     if out_dir.is_dir() and any(out_dir.iterdir()) and not ours and not options.force:
-        raise BadInput(f"--out {out_dir} already holds other files", "choose an empty or new folder, or --force")
+        raise BadInput(
+            f"--out {out_dir} already holds other files", "choose an empty or new folder, or --force"
+        )
     api_tokens = load_or_make_api_tokens(out_dir)  # the renderer's: a valid existing key file is kept
     files, manifest = stack_files(fleet_plan, out_dir, options, api_tokens)
     if not out_dir.exists():
@@ -313,12 +414,12 @@ def write_stack(fleet_plan: FleetPlan, out_dir: Path | str, options: StackOption
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return manifest
-    for name in sorted(files, key=lambda n: n == MANIFEST):
+    for name in sorted(files, key=lambda n: n == layout.CLUSTER_MANIFEST):
         write_text(out_dir / name, files[name][0], files[name][1], _owner(files, name))
     for group in ("classes", "hosts"):
         keep = {name.split("/")[1] for name in files if name.startswith(f"{group}/")}
         folder = out_dir / group
-        for stale in (folder.iterdir() if folder.is_dir() else ()):
+        for stale in folder.iterdir() if folder.is_dir() else ():
             if stale.is_dir() and stale.name not in keep:
                 shutil.rmtree(stale)
     return manifest

@@ -14,17 +14,18 @@ from typing import Any
 
 from ..atomic import write_text
 from ..errors import EnvironmentMissing
-from ..render_config import model_folder
+from ..facts.runtime import CONTAINER_PORT
+from ..render.config import model_folder
 from .fleet_plan import FleetPlan, NodeClass
-from .stack import CONTAINER_PORT, GATEWAY_SERVICE
+from .stack import GATEWAY_SERVICE
 
 
 @dataclass(frozen=True)
 class Target:
     """One URL to verify and what must be served there."""
 
-    kind: str            # "endpoint" | "replica"
-    name: str            # task name (service.slot) or node name, or "endpoint"
+    kind: str  # "endpoint" | "replica"
+    name: str  # task name (service.slot) or node name, or "endpoint"
     url: str
     class_name: str | None
     node: str | None = None
@@ -67,27 +68,43 @@ def discover_replicas(client: Any, fleet_plan: FleetPlan) -> tuple[list[Target],
         try:
             service = client.api.inspect_service(service_name)
         except docker.errors.NotFound:
-            problems.append(f"service {service_name} is not deployed (docker stack deploy -c stack.yml {stack})")
+            problems.append(
+                f"service {service_name} is not deployed (docker stack deploy -c stack.yml {stack})"
+            )
             continue
         tasks = client.api.tasks(filters={"service": service["ID"], "desired-state": "running"})
         running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running"]
         if len(running) < node_class.replicas:
-            states = sorted(f"{(t.get('Status') or {}).get('State')}: {(t.get('Status') or {}).get('Err') or ''}"
-                            .rstrip(": ") for t in tasks if t not in running)
-            problems.append(f"{service_name}: {len(running)}/{node_class.replicas} replicas running"
-                            + (f" ({'; '.join(states)})" if states else ""))
+            states = sorted(
+                f"{(t.get('Status') or {}).get('State')}: {(t.get('Status') or {}).get('Err') or ''}".rstrip(
+                    ": "
+                )
+                for t in tasks
+                if t not in running
+            )
+            problems.append(
+                f"{service_name}: {len(running)}/{node_class.replicas} replicas running"
+                + (f" ({'; '.join(states)})" if states else "")
+            )
         for task in sorted(running, key=lambda t: t.get("Slot") or 0):
             ports = ((task.get("Status") or {}).get("PortStatus") or {}).get("Ports") or []
-            port = next((p.get("PublishedPort") for p in ports
-                         if p.get("TargetPort") == CONTAINER_PORT and p.get("PublishMode") == "host"), None)
+            port = next(
+                (
+                    p.get("PublishedPort")
+                    for p in ports
+                    if p.get("TargetPort") == CONTAINER_PORT and p.get("PublishMode") == "host"
+                ),
+                None,
+            )
             name = f"{service_name}.{task.get('Slot')}"
             if not port:
-                problems.append(f"{name}: no host-mode port published for {CONTAINER_PORT} (re-render the stack)")
+                problems.append(
+                    f"{name}: no host-mode port published for {CONTAINER_PORT} (re-render the stack)"
+                )
                 continue
             address = _node_address(client, task["NodeID"], nodes)
             host = f"[{address}]" if ":" in address else address
-            targets.append(Target("replica", name, f"http://{host}:{port}", node_class.name,
-                                  node=address))
+            targets.append(Target("replica", name, f"http://{host}:{port}", node_class.name, node=address))
     return targets, problems
 
 
@@ -99,27 +116,38 @@ def inventory_replicas(fleet_plan: FleetPlan) -> tuple[list[Target], list[str]]:
             if node.url:
                 targets.append(Target("replica", node.name, node.url, node_class.name, node=node.name))
             else:
-                problems.append(f"node {node.name} has no url in the inventory and no Swarm manager was reached")
+                problems.append(
+                    f"node {node.name} has no url in the inventory and no Swarm manager was reached"
+                )
     return targets, problems
 
 
 def expectations_for(fleet_plan: FleetPlan, node_class: NodeClass | None) -> Any:
     """What a target must serve: its class's model, cache mode and context; the endpoint: what all share."""
-    from ..verify.checks import Expectations
+    from ..verify.readiness import Expectations
 
     if node_class is None:
         plans = [c.plan for c in fleet_plan.classes]
         same = len({(model_folder(p), p.cache_mode) for p in plans}) == 1
         first = plans[0]
-        return Expectations(model_id=model_folder(first) if same else None,
-                            cache_mode=first.cache_mode if same else None,
-                            context=first.context if len({p.context for p in plans}) == 1 else None)
+        return Expectations(
+            model_id=model_folder(first) if same else None,
+            cache_mode=first.cache_mode if same else None,
+            context=first.context if len({p.context for p in plans}) == 1 else None,
+        )
     plan = node_class.plan
     return Expectations(model_id=model_folder(plan), cache_mode=plan.cache_mode, context=plan.context)
 
 
-def verify_cluster(fleet_plan: FleetPlan, endpoint_url: str | None, api_key: str | None, *,
-                   client: Any = None, wait_s: float = 0.0, timeout_s: float = 60.0) -> ClusterReport:
+def verify_cluster(
+    fleet_plan: FleetPlan,
+    endpoint_url: str | None,
+    api_key: str | None,
+    *,
+    client: Any = None,
+    wait_s: float = 0.0,
+    timeout_s: float = 60.0,
+) -> ClusterReport:
     """Discover replicas (engine, else inventory urls), then run the single-server checks on each and on the
     endpoint."""
     from ..verify.checks import VerifyRequest, run_verify
@@ -130,16 +158,24 @@ def verify_cluster(fleet_plan: FleetPlan, endpoint_url: str | None, api_key: str
     else:
         targets, problems = inventory_replicas(fleet_plan)
         if not targets:
-            raise EnvironmentMissing("no Swarm manager reachable and no node has a url in the inventory",
-                                     "run on a manager (or set DOCKER_HOST), or add url: to each node")
+            raise EnvironmentMissing(
+                "no Swarm manager reachable and no node has a url in the inventory",
+                "run on a manager (or set DOCKER_HOST), or add url: to each node",
+            )
     report.problems.extend(problems)
     if endpoint_url:
         targets.append(Target("endpoint", GATEWAY_SERVICE, endpoint_url, None))
     by_name = {c.name: c for c in fleet_plan.classes}
     for target in targets:
         node_class = by_name.get(target.class_name) if target.class_name else None
-        request = VerifyRequest(url=target.url, api_key=api_key, expect=expectations_for(fleet_plan, node_class),
-                                profile=fleet_plan.fleet.profile, wait_s=wait_s, timeout_s=timeout_s)
+        request = VerifyRequest(
+            url=target.url,
+            api_key=api_key,
+            expect=expectations_for(fleet_plan, node_class),
+            profile=fleet_plan.fleet.profile,
+            wait_s=wait_s,
+            timeout_s=timeout_s,
+        )
         report.targets.append((target, run_verify(request)))
     return report
 
@@ -148,9 +184,21 @@ def report_dict(report: ClusterReport) -> dict[str, Any]:
     """The --json object: passed, problems, and each target's single-server report."""
     from ..verify.report import report_dict as single
 
-    return {"passed": report.passed, "problems": report.problems,
-            "targets": [{"kind": t.kind, "name": t.name, "url": t.url, "class": t.class_name, "node": t.node,
-                         "report": single(r)} for t, r in report.targets]}
+    return {
+        "passed": report.passed,
+        "problems": report.problems,
+        "targets": [
+            {
+                "kind": t.kind,
+                "name": t.name,
+                "url": t.url,
+                "class": t.class_name,
+                "node": t.node,
+                "report": single(r),
+            }
+            for t, r in report.targets
+        ],
+    }
 
 
 def write_junit(report: ClusterReport, path: Path) -> None:
@@ -160,10 +208,18 @@ def write_junit(report: ClusterReport, path: Path) -> None:
     root = ET.Element("testsuites", name="deploy cluster verify")
     for target, single in report.targets:
         root.append(junit_suite(single, f"deploy cluster verify {target.kind} {target.name}"))
-    suite = ET.SubElement(root, "testsuite", name="deploy cluster verify replicas", tests="1",
-                          failures=str(int(bool(report.problems))), errors="0", skipped="0")
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        name="deploy cluster verify replicas",
+        tests="1",
+        failures=str(int(bool(report.problems))),
+        errors="0",
+        skipped="0",
+    )
     case = ET.SubElement(suite, "testcase", classname="deploy.cluster", name="replicas")
     if report.problems:
-        ET.SubElement(case, "failure", message="; ".join(report.problems), type="VerificationFailed").text = \
-            "\n".join(report.problems)
+        ET.SubElement(
+            case, "failure", message="; ".join(report.problems), type="VerificationFailed"
+        ).text = "\n".join(report.problems)
     write_text(path, junit_document(root))

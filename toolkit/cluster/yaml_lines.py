@@ -53,8 +53,9 @@ def load_located(text: str, source: str) -> Located:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = f":{mark.line + 1}" if mark else ""
-            raise BadInput(f"{source}{line}: not valid YAML ({exc.problem or exc.context})",
-                           "fix the YAML syntax") from None
+            raise BadInput(
+                f"{source}{line}: not valid YAML ({exc.problem or exc.context})", "fix the YAML syntax"
+            ) from None
         except yaml.YAMLError as exc:
             raise BadInput(f"{source}: not valid YAML ({exc})", "fix the YAML syntax") from None
         located = Located(value=None, source=source)
@@ -73,33 +74,49 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, located: Loc
     seen.add(id(node))
     located.lines[path] = node.start_mark.line + 1
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (
-            "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"):
+        "tag:yaml.org,2002:map",
+        "tag:yaml.org,2002:seq",
+    ):
         raise located.error(path, f"unsupported YAML type {node.tag!r}", "remove the tag")
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                raise BadInput(f"{located.source}:{key_node.start_mark.line + 1}: {field_name(path) or 'document'}:"
-                               " keys must be plain scalars (no merge keys)", "write plain `key: value` lines")
+                raise BadInput(
+                    f"{located.source}:{key_node.start_mark.line + 1}: {field_name(path) or 'document'}:"
+                    " keys must be plain scalars (no merge keys)",
+                    "write plain `key: value` lines",
+                )
             key = _scalar(loader, key_node, path, located)
             if not isinstance(key, str):
                 key = str(key)
             if key in result:
-                raise BadInput(f"{located.source}:{key_node.start_mark.line + 1}: "
-                               f"{field_name(path + (key,))}: duplicate key", "keep one of them")
+                raise BadInput(
+                    f"{located.source}:{key_node.start_mark.line + 1}: "
+                    f"{field_name(path + (key,))}: duplicate key",
+                    "keep one of them",
+                )
             result[key] = _convert(loader, value_node, path + (key,), located, seen)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(loader, item, path + (index,), located, seen) for index, item in enumerate(node.value)]
+        return [
+            _convert(loader, item, path + (index,), located, seen) for index, item in enumerate(node.value)
+        ]
     return _scalar(loader, node, path, located)
 
 
 def _scalar(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, located: Located) -> Any:
     """A scalar through the safe constructor (int, float, bool, null, str; timestamps and binary are refused)."""
-    if node.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
-                        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null"):
-        raise located.error(path, f"unsupported YAML type {node.tag.rsplit(':', 1)[-1]!r}",
-                            "quote the value to make it text")
+    if node.tag not in (
+        "tag:yaml.org,2002:str",
+        "tag:yaml.org,2002:int",
+        "tag:yaml.org,2002:float",
+        "tag:yaml.org,2002:bool",
+        "tag:yaml.org,2002:null",
+    ):
+        raise located.error(
+            path, f"unsupported YAML type {node.tag.rsplit(':', 1)[-1]!r}", "quote the value to make it text"
+        )
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as exc:

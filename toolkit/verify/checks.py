@@ -7,11 +7,13 @@ the expected model from its deployment state) only build the request and render 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .client import ServerError, TabbyClient
 from .kl import KlSummary, position_kl, side_from_entries, summarize
+from .readiness import Expectations, model_problems, served_model
 from .reference import KIND_DEPLOYMENT, KIND_FULL_PRECISION, TOKENIZER_PROBE, Reference, probe_identity
 
 # With a full-precision reference and no --max-kl, the served mean may exceed the profile's measured
@@ -41,17 +43,6 @@ class Check:
     detail: str
     seconds: float = 0.0
     skipped: bool = False
-
-
-@dataclass(frozen=True)
-class Expectations:
-    """What the live server must be serving (from flags, or from a local deployment's state)."""
-
-    model_id: str | None = None
-    cache_mode: str | None = None
-    context: int | None = None
-    quant: str | None = None
-    reasoning_markers: tuple[str, ...] = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -148,27 +139,25 @@ def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, d
     try:
         card = client.model()
     except ServerError as error:
-        hint = " (no model loaded yet: TabbyAPI answers 503 until the load finishes)" if error.status == 503 else ""
+        hint = (
+            " (no model loaded yet: TabbyAPI answers 503 until the load finishes)"
+            if error.status == 503
+            else ""
+        )
         return Check("readiness", False, f"{error}{hint}", time.monotonic() - started), None
     elapsed = time.monotonic() - started
-    parameters = card.get("parameters") or {}
-    served = {"id": card.get("id"), "cache_mode": parameters.get("cache_mode"),
-              "max_seq_len": parameters.get("max_seq_len"), "cache_size": parameters.get("cache_size")}
-    problems = []
-    if expect.model_id is not None and served["id"] != expect.model_id:
-        problems.append(f"model id is {served['id']!r}, expected {expect.model_id!r}")
-    if expect.cache_mode is not None and str(served["cache_mode"]) != expect.cache_mode:
-        problems.append(f"cache_mode is {served['cache_mode']!r}, expected {expect.cache_mode!r}")
-    if expect.context is not None and served["max_seq_len"] != expect.context:
-        problems.append(f"max_seq_len is {served['max_seq_len']}, expected {expect.context}")
-    summary = (f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
-               f"cache_size {served['cache_size']}")
+    served = served_model(card)
+    problems = model_problems(card, expect)
+    summary = (
+        f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
+        f"cache_size {served['cache_size']}"
+    )
     if problems:
         return Check("readiness", False, "; ".join(problems) + f" (serving {summary})", elapsed), served
     return Check("readiness", True, summary, elapsed), served
 
 
-def check_function(client: TabbyClient, expect: Expectations) -> Check:
+def check_function(client: TabbyClient, reasoning_markers: Sequence[str]) -> Check:
     """A chat completion returns text; reasoning, when present, arrives as reasoning_content (PR #295)."""
     started = time.monotonic()
     try:
@@ -180,13 +169,20 @@ def check_function(client: TabbyClient, expect: Expectations) -> Check:
     reasoning = message.get("reasoning_content") or ""
     if not isinstance(content, str) or not isinstance(reasoning, str):
         return Check("function", False, "chat message content is not text", elapsed)
-    leaked = [m for m in expect.reasoning_markers if m in content]
+    leaked = [m for m in reasoning_markers if m in content]
     if leaked:
-        return Check("function", False, f"reasoning markers {', '.join(leaked)} are in content: the server does not "
-                                        "split reasoning (TabbyAPI needs PR #295 and model.reasoning: true)", elapsed)
+        return Check(
+            "function",
+            False,
+            f"reasoning markers {', '.join(leaked)} are in content: the server does not "
+            "split reasoning (TabbyAPI needs PR #295 and model.reasoning: true)",
+            elapsed,
+        )
     if not content.strip() and not reasoning.strip():
         return Check("function", False, "chat completion returned no text", elapsed)
-    parts = [f"content {len(content)} chars"] + ([f"reasoning_content {len(reasoning)} chars"] if reasoning else [])
+    parts = [f"content {len(content)} chars"] + (
+        [f"reasoning_content {len(reasoning)} chars"] if reasoning else []
+    )
     return Check("function", True, "chat completion returned " + ", ".join(parts), elapsed)
 
 
@@ -203,8 +199,13 @@ def check_tokenizer(client: TabbyClient, reference: Reference) -> Check:
     if not expected:
         return Check("tokenizer", True, "reference records no tokenizer identity; not compared", elapsed)
     if probe_identity(ids) != expected:
-        return Check("tokenizer", False, "the served tokenizer encodes the probe differently from the reference's "
-                                         "(a different model or tokenizer)", elapsed)
+        return Check(
+            "tokenizer",
+            False,
+            "the served tokenizer encodes the probe differently from the reference's "
+            "(a different model or tokenizer)",
+            elapsed,
+        )
     return Check("tokenizer", True, f"probe encodes identically ({len(ids)} tokens)", elapsed)
 
 
@@ -216,7 +217,7 @@ def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float, 
     assert reference is not None
     if reference.kind != KIND_FULL_PRECISION:
         return REGRESSION_MAX_KL, f"regression bound {REGRESSION_MAX_KL} vs a {reference.kind} reference"
-    from ..profiles import load_profile
+    from ..facts.profiles import load_profile
 
     profile = load_profile(request.profile)
     quant_name = request.expect.quant
@@ -225,16 +226,21 @@ def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float, 
         quant_name = max(matches, key=len) if matches else None
     if quant_name is not None:
         quant = profile.quant(quant_name)
-        return (quant.kl_ref_quant * KL_TOLERANCE_FACTOR,
-                f"{profile.name} {quant.branch}: measured KL {quant.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}")
+        return (
+            quant.kl_ref_quant * KL_TOLERANCE_FACTOR,
+            f"{profile.name} {quant.branch}: measured KL {quant.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}",
+        )
     worst = max(profile.quants, key=lambda q: q.kl_ref_quant)
-    source = (f"no quant named (--expect-quant): {profile.name}'s worst quant {worst.branch} "
-              f"{worst.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}")
+    source = (
+        f"no quant named (--expect-quant): {profile.name}'s worst quant {worst.branch} "
+        f"{worst.kl_ref_quant:.4f} x {KL_TOLERANCE_FACTOR}"
+    )
     return worst.kl_ref_quant * KL_TOLERANCE_FACTOR, source
 
 
-def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, top_k: int) \
-        -> tuple[list[PositionResult], float, int]:
+def measure_kl(
+    client: TabbyClient, reference: Reference, prompts: int | None, top_k: int
+) -> tuple[list[PositionResult], float, int]:
     """Teacher-forced top-K at every reference prefix (one request per prompt) and the per-position KL bound.
 
     A position the server answers without logprobs even on retries is left out and counted.
@@ -256,9 +262,14 @@ def measure_kl(client: TabbyClient, reference: Reference, prompts: int | None, t
                 continue
             ref_side = side_from_entries(position.entries(), collisions)
             served_side = side_from_entries(entries, collisions)
-            results.append(PositionResult(prompt=prompt.name, tokens=position.token_count,
-                                          kl=position_kl(ref_side, served_side, collisions),
-                                          top1_match=ref_side.top1 == served_side.top1))
+            results.append(
+                PositionResult(
+                    prompt=prompt.name,
+                    tokens=position.token_count,
+                    kl=position_kl(ref_side, served_side, collisions),
+                    top1_match=ref_side.top1 == served_side.top1,
+                )
+            )
     return results, seconds, missing
 
 
@@ -276,26 +287,48 @@ def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None)
     try:
         results, seconds, missing = measure_kl(client, reference, request.prompts, top_k)
     except ServerError as error:
-        return KlOutcome(Check("kl", False, str(error), time.monotonic() - started), None, (), 0.0, threshold,
-                         source)
+        return KlOutcome(
+            Check("kl", False, str(error), time.monotonic() - started), None, (), 0.0, threshold, source
+        )
     elapsed = time.monotonic() - started
     if not results:
-        problem = "no position returned logprobs (does the server support logprobs?)" if missing \
+        problem = (
+            "no position returned logprobs (does the server support logprobs?)"
+            if missing
             else "the reference has no positions"
+        )
         return KlOutcome(Check("kl", False, problem, elapsed), None, (), seconds, threshold, source)
     prompt_index = {name: i for i, name in enumerate(dict.fromkeys(r.prompt for r in results))}
-    summary = summarize([r.kl for r in results], [prompt_index[r.prompt] for r in results],
-                        [r.top1_match for r in results])
-    text = (f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
-            f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
-            f"{threshold:.4g} ({source})" + (f"; {missing} positions returned no logprobs" if missing else ""))
-    return KlOutcome(Check("kl", summary.mean <= threshold, text, elapsed), summary, tuple(results), seconds,
-                     threshold, source)
+    summary = summarize(
+        [r.kl for r in results], [prompt_index[r.prompt] for r in results], [r.top1_match for r in results]
+    )
+    text = (
+        f"mean KL {summary.mean:.4g} (95% CI {summary.ci95[0]:.4g}-{summary.ci95[1]:.4g}, lower bound) over "
+        f"{summary.positions} positions, top-1 agreement {summary.top1_agreement:.3f}; threshold "
+        f"{threshold:.4g} ({source})" + (f"; {missing} positions returned no logprobs" if missing else "")
+    )
+    return KlOutcome(
+        Check("kl", summary.mean <= threshold, text, elapsed),
+        summary,
+        tuple(results),
+        seconds,
+        threshold,
+        source,
+    )
+
+
+def profile_reasoning_markers(profile: str) -> tuple[str, ...]:
+    """The reasoning start and end tokens of the model profile: what must never leak into a reply's content."""
+    from ..facts.profiles import load_profile
+
+    serving = load_profile(profile).serving
+    return (serving.reasoning_start_token, serving.reasoning_end_token)
 
 
 def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> VerifyReport:
     """Run every check in order; a failed prerequisite marks the later checks as not run (failed)."""
     started = time.monotonic()
+    markers = request.expect.reasoning_markers or profile_reasoning_markers(request.profile)
     own = client is None
     client = client or TabbyClient(request.url, request.api_key, timeout_s=request.timeout_s)
     checks: list[Check] = []
@@ -313,7 +346,7 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
             return VerifyReport(request.url, tuple(checks), None, None, time.monotonic() - started)
         readiness, served = check_readiness(client, request.expect)
         checks.append(readiness)
-        checks.append(check_function(client, request.expect))
+        checks.append(check_function(client, markers))
         if request.reference is not None:
             tokenizer = check_tokenizer(client, request.reference)
             checks.append(tokenizer)

@@ -49,7 +49,9 @@ def read_api_key(path: str | None) -> str | None:
     try:
         text = file.read_text(encoding="utf-8").strip()
     except OSError as error:
-        raise BadInput(f"cannot read --api-key-file {path}: {error.strerror}", "pass a readable file") from None
+        raise BadInput(
+            f"cannot read --api-key-file {path}: {error.strerror}", "pass a readable file"
+        ) from None
     if not text:
         raise BadInput(f"--api-key-file {path} is empty", "put the API key (or api_tokens.yml) in it")
     if ":" in text:
@@ -62,7 +64,9 @@ def read_api_key(path: str | None) -> str | None:
             if isinstance(key, list) and key:
                 key = key[0]
             if not isinstance(key, str) or not key:
-                raise BadInput(f"--api-key-file {path} has no api_key", "use TabbyAPI's api_tokens.yml or a key file")
+                raise BadInput(
+                    f"--api-key-file {path} has no api_key", "use TabbyAPI's api_tokens.yml or a key file"
+                )
             return key
     return text.splitlines()[0].strip()
 
@@ -75,7 +79,9 @@ def _detail(response: httpx.Response) -> str:
         return response.text[:200]
     detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, list):
-        return "; ".join(str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail)
+        return "; ".join(
+            str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail
+        )
     return str(detail) if detail is not None else str(body)[:200]
 
 
@@ -90,8 +96,13 @@ class Health:
 class TabbyClient:
     """Synchronous client; one httpx connection pool; timeouts generous enough for a loaded GPU server."""
 
-    def __init__(self, url: str, api_key: str | None, timeout_s: float = 120.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        timeout_s: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport)
@@ -117,9 +128,12 @@ class TabbyClient:
         if response.status_code != 200:
             detail = _detail(response)
             if response.status_code == 401:
-                raise ServerError(f"{path}: 401 {detail} -- the API key was missing or rejected; pass "
-                                  f"--api-key-file (a key file or api_tokens.yml) or set {API_KEY_ENV}",
-                                  401, detail)
+                raise ServerError(
+                    f"{path}: 401 {detail} -- the API key was missing or rejected; pass "
+                    f"--api-key-file (a key file or api_tokens.yml) or set {API_KEY_ENV}",
+                    401,
+                    detail,
+                )
             raise ServerError(f"{path}: HTTP {response.status_code} {detail}", response.status_code, detail)
         try:
             data = response.json()
@@ -147,15 +161,23 @@ class TabbyClient:
 
     def encode(self, text: str, add_bos_token: bool = False) -> list[int]:
         """POST /v1/token/encode of a string, with the same BOS and special-token choice as the completions."""
-        data = self._json("POST", "/v1/token/encode",
-                          {"text": text, "add_bos_token": add_bos_token, "encode_special_tokens": True})
+        data = self._json(
+            "POST",
+            "/v1/token/encode",
+            {"text": text, "add_bos_token": add_bos_token, "encode_special_tokens": True},
+        )
         tokens = data.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ServerError("/v1/token/encode: no token list in the answer", 200)
         return tokens
 
-    def next_token_logprobs(self, prefixes: list[str], top_k: int, add_bos_token: bool = False,
-                            retries: int = RETRIES_WITHOUT_LOGPROBS) -> list[list[tuple[str, float]] | None]:
+    def next_token_logprobs(
+        self,
+        prefixes: list[str],
+        top_k: int,
+        add_bos_token: bool = False,
+        retries: int = RETRIES_WITHOUT_LOGPROBS,
+    ) -> list[list[tuple[str, float]] | None]:
         """Top-K (decoded string, logprob) of the token after each prefix: one request, one-token completions.
 
         TabbyAPI accepts a list of prompts and runs them as concurrent jobs (batched by exllamav3), which cuts
@@ -163,13 +185,22 @@ class TabbyClient:
         A choice without logprobs (a generation that ended at once, e.g. on a sampled EOS) is asked again alone,
         up to RETRIES_WITHOUT_LOGPROBS times; None when it still has none.
         """
-        body = {"prompt": prefixes, "max_tokens": 1, "logprobs": top_k, "stream": False,
-                "add_bos_token": add_bos_token, **NEUTRAL_SAMPLERS}
+        body = {
+            "prompt": prefixes,
+            "max_tokens": 1,
+            "logprobs": top_k,
+            "stream": False,
+            "add_bos_token": add_bos_token,
+            **NEUTRAL_SAMPLERS,
+        }
         data = self._json("POST", "/v1/completions", body)
         choices = data.get("choices")
         if not isinstance(choices, list) or len(choices) != len(prefixes):
-            raise ServerError(f"/v1/completions: expected {len(prefixes)} choices, got "
-                              f"{len(choices) if isinstance(choices, list) else 'none'}", 200)
+            raise ServerError(
+                f"/v1/completions: expected {len(prefixes)} choices, got "
+                f"{len(choices) if isinstance(choices, list) else 'none'}",
+                200,
+            )
         result: list[list[tuple[str, float]] | None] = [None] * len(prefixes)
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
@@ -183,13 +214,18 @@ class TabbyClient:
         if retries > 0:
             for index, entries in enumerate(result):
                 if entries is None:
-                    result[index] = self.next_token_logprobs([prefixes[index]], top_k, add_bos_token, retries - 1)[0]
+                    result[index] = self.next_token_logprobs(
+                        [prefixes[index]], top_k, add_bos_token, retries - 1
+                    )[0]
         return result
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         """POST /v1/chat/completions (non-streaming); returns the first choice's message."""
-        data = self._json("POST", "/v1/chat/completions",
-                          {"messages": messages, "max_tokens": max_tokens, "stream": False, **NEUTRAL_SAMPLERS})
+        data = self._json(
+            "POST",
+            "/v1/chat/completions",
+            {"messages": messages, "max_tokens": max_tokens, "stream": False, **NEUTRAL_SAMPLERS},
+        )
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ServerError("/v1/chat/completions: no choices in the answer", 200)

@@ -21,7 +21,9 @@ def _is_quantized(model_dir: Path) -> bool:
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise BadInput(f"{model_dir} has no readable config.json", "pass a Hugging Face model folder") from None
+        raise BadInput(
+            f"{model_dir} has no readable config.json", "pass a Hugging Face model folder"
+        ) from None
     return bool(config.get("quantization_config"))
 
 
@@ -36,8 +38,10 @@ class Exl3Backend:
             import torch
             from exllamav3 import Config, Model, Tokenizer
         except ImportError as error:
-            raise EnvironmentMissing(f"reference compute needs torch and exllamav3 ({error})",
-                                     "pip install 'glm-deploy[gpu]' on a GPU host") from None
+            raise EnvironmentMissing(
+                f"reference compute needs torch and exllamav3 ({error})",
+                "pip install 'glm-deploy[gpu]' on a GPU host",
+            ) from None
         if not torch.cuda.is_available():
             raise EnvironmentMissing("reference compute needs a CUDA GPU", "run it on the GPU host")
         self._torch = torch
@@ -48,8 +52,9 @@ class Exl3Backend:
         self._vocab_size = self._tokenizer.actual_vocab_size
         self.model_id = model_dir.name
         tokenizer_json = model_dir / "tokenizer.json"
-        self.tokenizer_sha256 = (hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()
-                                 if tokenizer_json.is_file() else None)
+        self.tokenizer_sha256 = (
+            hashlib.sha256(tokenizer_json.read_bytes()).hexdigest() if tokenizer_json.is_file() else None
+        )
 
     def encode(self, text: str) -> list[int]:
         """Like TabbyAPI's completions with add_bos_token false: special tokens encoded, no BOS."""

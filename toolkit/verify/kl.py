@@ -43,7 +43,9 @@ class Side:
     top1: str | None
 
 
-def side_from_entries(entries: Iterable[tuple[str, float]], vocab_counts: Mapping[str, int] | None = None) -> Side:
+def side_from_entries(
+    entries: Iterable[tuple[str, float]], vocab_counts: Mapping[str, int] | None = None
+) -> Side:
     """Merge (string, logprob) entries by summing per string; exact = all ids of that string were reported.
 
     Entries come in rank order (TabbyAPI's top-K and reference files are sorted by probability), so the first
@@ -60,11 +62,14 @@ def side_from_entries(entries: Iterable[tuple[str, float]], vocab_counts: Mappin
         seen[key] = seen.get(key, 0) + 1
         smallest = min(smallest, p)
     exact = frozenset(k for k, n in seen.items() if n >= counts.get(k, 1))
-    return Side(probs=probs, exact=exact, cap=smallest if probs else 1.0, top1=entries[0][0] if entries else None)
+    return Side(
+        probs=probs, exact=exact, cap=smallest if probs else 1.0, top1=entries[0][0] if entries else None
+    )
 
 
-def _waterfill(p_unknown: np.ndarray, caps: np.ndarray, p_other: float, q_rest: float,
-               free: float) -> tuple[np.ndarray, float]:
+def _waterfill(
+    p_unknown: np.ndarray, caps: np.ndarray, p_other: float, q_rest: float, free: float
+) -> tuple[np.ndarray, float]:
     """Served probabilities of the unknown buckets and of "other" that minimise the KL given what was reported.
 
     Constraints: q_u <= cap_u, q_other >= q_rest (served entries that fall into "other" are in it), and
@@ -118,8 +123,13 @@ def full_kl(reference_logprobs: np.ndarray, served_logprobs: np.ndarray) -> floa
     return float(np.sum(p * (reference_logprobs - served_logprobs)))
 
 
-def truncated_side(logprobs: np.ndarray, pieces: list[str], k: int, vocab_counts: Mapping[str, int] | None = None,
-                   keyed_like_tabbyapi: bool = True) -> Side:
+def truncated_side(
+    logprobs: np.ndarray,
+    pieces: list[str],
+    k: int,
+    vocab_counts: Mapping[str, int] | None = None,
+    keyed_like_tabbyapi: bool = True,
+) -> Side:
     """What a top-K API reports for a full distribution; keyed_like_tabbyapi keeps only the last colliding entry."""
     order = np.argsort(-logprobs, kind="stable")[:k]
     entries = [(pieces[i], float(logprobs[i])) for i in order]
@@ -150,16 +160,23 @@ class KlSummary:
 
     def as_dict(self) -> dict[str, object]:
         """The `kl` object of `deploy verify --json` (top1_agreement is reported beside it)."""
-        return {"mean": self.mean, "ci95": list(self.ci95), "median": self.median, "p99": self.p99,
-                "max": self.max, "positions": self.positions}
+        return {
+            "mean": self.mean,
+            "ci95": list(self.ci95),
+            "median": self.median,
+            "p99": self.p99,
+            "max": self.max,
+            "positions": self.positions,
+        }
 
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20260101
 
 
-def bootstrap_mean_ci(values: np.ndarray, groups: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
-                      seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+def bootstrap_mean_ci(
+    values: np.ndarray, groups: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> tuple[float, float]:
     """95% interval of the mean, resampling whole prompts (positions of one prompt are correlated)."""
     labels, index = np.unique(groups, return_inverse=True)
     sums = np.bincount(index, weights=values, minlength=len(labels))
@@ -178,6 +195,12 @@ def summarize(values: Iterable[float], groups: Iterable[int], top1_matches: Iter
     matches = np.asarray(list(top1_matches), dtype=float)
     if kl.size == 0:
         raise ValueError("no positions to summarise")
-    return KlSummary(mean=float(kl.mean()), ci95=bootstrap_mean_ci(kl, group), median=float(np.median(kl)),
-                     p99=float(np.percentile(kl, 99)), max=float(kl.max()), positions=int(kl.size),
-                     top1_agreement=float(matches.mean()))
+    return KlSummary(
+        mean=float(kl.mean()),
+        ci95=bootstrap_mean_ci(kl, group),
+        median=float(np.median(kl)),
+        p99=float(np.percentile(kl, 99)),
+        max=float(kl.max()),
+        positions=int(kl.size),
+        top1_agreement=float(matches.mean()),
+    )

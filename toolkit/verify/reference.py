@@ -45,8 +45,10 @@ MIN_CONTEXT_SHARE = 0.25
 RECORD_TOP_K = 100
 COMPUTE_TOP_K = 200
 # Encoded through /v1/token/encode (or the local tokenizer) and hashed: equal hashes mean the same tokenizer.
-TOKENIZER_PROBE = ("Tokenizer probe: The quick brown fox jumps over the lazy dog. 0123456789 "
-                   "def f(x):\n    return x ** 2  # ünïcödé 漢字かな 한국어 Привет مرحبا\n\n")
+TOKENIZER_PROBE = (
+    "Tokenizer probe: The quick brown fox jumps over the lazy dog. 0123456789 "
+    "def f(x):\n    return x ** 2  # ünïcödé 漢字かな 한국어 Привет مرحبا\n\n"
+)
 WORD_STARTS_AFTER = "，。、；：！？)]},"
 
 
@@ -103,15 +105,34 @@ class Reference:
     def as_dict(self) -> dict[str, Any]:
         """The JSON document (format + version first)."""
         return {
-            "format": FORMAT, "version": VERSION, "kind": self.kind, "model_id": self.model_id,
-            "created": self.created, "settings": self.settings, "tokenizer": self.tokenizer,
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": self.kind,
+            "model_id": self.model_id,
+            "created": self.created,
+            "settings": self.settings,
+            "tokenizer": self.tokenizer,
             "vocab_collisions": self.vocab_collisions,
-            "prompts": [{"name": p.name, "text": p.text, "positions": [
-                {"prefix": s.prefix, "token_count": s.token_count,
-                 "prefix_ids": list(s.prefix_ids) if s.prefix_ids is not None else None,
-                 "top": {"ids": list(s.top_ids) if s.top_ids is not None else None,
-                         "tokens": list(s.top_tokens), "logprobs": list(s.top_logprobs)}}
-                for s in p.positions]} for p in self.prompts],
+            "prompts": [
+                {
+                    "name": p.name,
+                    "text": p.text,
+                    "positions": [
+                        {
+                            "prefix": s.prefix,
+                            "token_count": s.token_count,
+                            "prefix_ids": list(s.prefix_ids) if s.prefix_ids is not None else None,
+                            "top": {
+                                "ids": list(s.top_ids) if s.top_ids is not None else None,
+                                "tokens": list(s.top_tokens),
+                                "logprobs": list(s.top_logprobs),
+                            },
+                        }
+                        for s in p.positions
+                    ],
+                }
+                for p in self.prompts
+            ],
         }
 
 
@@ -121,13 +142,16 @@ def load_prompts(path: Path | None = None) -> list[Prompt]:
     try:
         data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
     except OSError as error:
-        raise BadInput(f"cannot read prompt set {source}: {error.strerror}", "pass a readable --prompts file") \
-            from None
+        raise BadInput(
+            f"cannot read prompt set {source}: {error.strerror}", "pass a readable --prompts file"
+        ) from None
     except yaml.YAMLError:
         raise BadInput(f"prompt set {source} is not valid YAML/JSON", "fix the file") from None
     items = data.get("prompts") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
-        raise BadInput(f"prompt set {source} has no prompts", "expected {version: 1, prompts: [{name, text}]}")
+        raise BadInput(
+            f"prompt set {source} has no prompts", "expected {version: 1, prompts: [{name, text}]}"
+        )
     prompts = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
@@ -143,12 +167,16 @@ def probe_identity(ids: Sequence[int]) -> str:
 
 def _cut_candidates(text: str) -> list[int]:
     """Character offsets where a new word starts: before a space or newline, or after CJK/closing punctuation."""
-    return [c for c in range(1, len(text))
-            if not text[c - 1].isspace() and (text[c] in " \n" or text[c - 1] in WORD_STARTS_AFTER)]
+    return [
+        c
+        for c in range(1, len(text))
+        if not text[c - 1].isspace() and (text[c] in " \n" or text[c - 1] in WORD_STARTS_AFTER)
+    ]
 
 
-def choose_prefixes(text: str, encode: Callable[[str], list[int]],
-                    count: int = POSITIONS_PER_PROMPT) -> list[tuple[str, list[int]]]:
+def choose_prefixes(
+    text: str, encode: Callable[[str], list[int]], count: int = POSITIONS_PER_PROMPT
+) -> list[tuple[str, list[int]]]:
     """Up to `count` (prefix, prefix ids) spread over text, each a verified token-boundary cut."""
     full = encode(text)
     candidates = [c for c in _cut_candidates(text) if c >= len(text) * MIN_CONTEXT_SHARE]
@@ -163,7 +191,7 @@ def choose_prefixes(text: str, encode: Callable[[str], list[int]],
             if candidate in used:
                 continue
             ids = encode(text[:candidate])
-            if ids and len(ids) < len(full) and full[:len(ids)] == ids:
+            if ids and len(ids) < len(full) and full[: len(ids)] == ids:
                 used.add(candidate)
                 chosen.append((text[:candidate], ids))
                 break
@@ -191,20 +219,33 @@ def _bad(path: Path, problem: str) -> BadInput:
 
 
 def _position(path: Path, raw: Any, where: str) -> Position:
-    if not isinstance(raw, dict) or not isinstance(raw.get("prefix"), str) or not isinstance(raw.get("top"), dict):
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("prefix"), str)
+        or not isinstance(raw.get("top"), dict)
+    ):
         raise _bad(path, f"{where} needs prefix and top")
     top = raw["top"]
     tokens, logprobs, ids = top.get("tokens"), top.get("logprobs"), top.get("ids")
-    if not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs) or not tokens:
+    if (
+        not isinstance(tokens, list)
+        or not isinstance(logprobs, list)
+        or len(tokens) != len(logprobs)
+        or not tokens
+    ):
         raise _bad(path, f"{where}.top needs tokens and logprobs of equal, non-zero length")
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(tokens)):
         raise _bad(path, f"{where}.top.ids must match tokens")
     prefix_ids = raw.get("prefix_ids")
     try:
-        return Position(prefix=raw["prefix"], token_count=int(raw.get("token_count") or 0),
-                        prefix_ids=tuple(int(i) for i in prefix_ids) if prefix_ids is not None else None,
-                        top_ids=tuple(int(i) for i in ids) if ids is not None else None,
-                        top_tokens=tuple(str(t) for t in tokens), top_logprobs=tuple(float(v) for v in logprobs))
+        return Position(
+            prefix=raw["prefix"],
+            token_count=int(raw.get("token_count") or 0),
+            prefix_ids=tuple(int(i) for i in prefix_ids) if prefix_ids is not None else None,
+            top_ids=tuple(int(i) for i in ids) if ids is not None else None,
+            top_tokens=tuple(str(t) for t in tokens),
+            top_logprobs=tuple(float(v) for v in logprobs),
+        )
     except (TypeError, ValueError):
         raise _bad(path, f"{where} has a non-numeric id or logprob") from None
 
@@ -215,8 +256,9 @@ def load_reference(path: Path) -> Reference:
         raw = path.read_bytes()
         data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     except OSError as error:
-        raise BadInput(f"cannot read reference {path}: {error.strerror}", "pass an existing --reference file") \
-            from None
+        raise BadInput(
+            f"cannot read reference {path}: {error.strerror}", "pass an existing --reference file"
+        ) from None
     except (ValueError, EOFError):
         raise _bad(path, "is not JSON (or gzip of JSON)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -232,22 +274,36 @@ def load_reference(path: Path) -> Reference:
     for i, p in enumerate(prompts_raw):
         if not isinstance(p, dict) or not isinstance(p.get("positions"), list):
             raise _bad(path, f"prompts[{i}] needs positions")
-        positions = tuple(_position(path, s, f"prompts[{i}].positions[{j}]") for j, s in enumerate(p["positions"]))
-        prompts.append(ReferencePrompt(name=str(p.get("name", i)), text=str(p.get("text", "")), positions=positions))
+        positions = tuple(
+            _position(path, s, f"prompts[{i}].positions[{j}]") for j, s in enumerate(p["positions"])
+        )
+        prompts.append(
+            ReferencePrompt(name=str(p.get("name", i)), text=str(p.get("text", "")), positions=positions)
+        )
     collisions = data.get("vocab_collisions")
-    return Reference(kind=data["kind"], model_id=str(data.get("model_id", "")), created=str(data.get("created", "")),
-                     settings=dict(data.get("settings") or {}), tokenizer=dict(data.get("tokenizer") or {}),
-                     vocab_collisions={str(k): int(v) for k, v in collisions.items()}
-                     if isinstance(collisions, dict) else None,
-                     prompts=tuple(prompts))
+    return Reference(
+        kind=data["kind"],
+        model_id=str(data.get("model_id", "")),
+        created=str(data.get("created", "")),
+        settings=dict(data.get("settings") or {}),
+        tokenizer=dict(data.get("tokenizer") or {}),
+        vocab_collisions={str(k): int(v) for k, v in collisions.items()}
+        if isinstance(collisions, dict)
+        else None,
+        prompts=tuple(prompts),
+    )
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
-def record_reference(client: TabbyClient, prompts: Sequence[Prompt], top_k: int = RECORD_TOP_K,
-                     positions_per_prompt: int = POSITIONS_PER_PROMPT) -> Reference:
+def record_reference(
+    client: TabbyClient,
+    prompts: Sequence[Prompt],
+    top_k: int = RECORD_TOP_K,
+    positions_per_prompt: int = POSITIONS_PER_PROMPT,
+) -> Reference:
     """Record a reference from a live deployment: prefixes via /v1/token/encode, top-K via one-token completions.
 
     Collisions are already collapsed by the server, so vocab_collisions stays unknown (None).
@@ -260,21 +316,47 @@ def record_reference(client: TabbyClient, prompts: Sequence[Prompt], top_k: int 
         if not cuts:
             continue
         tops = client.next_token_logprobs([prefix for prefix, _ in cuts], top_k)
-        recorded.append(ReferencePrompt(name=prompt.name, text=prompt.text, positions=tuple(
-            Position(prefix=prefix, token_count=len(ids), prefix_ids=tuple(ids), top_ids=None,
-                     top_tokens=tuple(k for k, _ in top), top_logprobs=tuple(v for _, v in top))
-            for (prefix, ids), top in zip(cuts, tops) if top is not None)))
+        recorded.append(
+            ReferencePrompt(
+                name=prompt.name,
+                text=prompt.text,
+                positions=tuple(
+                    Position(
+                        prefix=prefix,
+                        token_count=len(ids),
+                        prefix_ids=tuple(ids),
+                        top_ids=None,
+                        top_tokens=tuple(k for k, _ in top),
+                        top_logprobs=tuple(v for _, v in top),
+                    )
+                    for (prefix, ids), top in zip(cuts, tops)
+                    if top is not None
+                ),
+            )
+        )
     if not recorded:
         raise BadInput("no prompt yielded a usable prefix", "use longer prompts with several words")
     parameters = card.get("parameters") or {}
     return Reference(
-        kind=KIND_DEPLOYMENT, model_id=str(card.get("id", "")), created=_now(),
-        settings={"top_k": top_k, "add_bos_token": False, "positions_per_prompt": positions_per_prompt,
-                  "cache_mode": parameters.get("cache_mode"), "max_seq_len": parameters.get("max_seq_len"),
-                  "source": client.url},
-        tokenizer={"probe": TOKENIZER_PROBE, "probe_ids_sha256": probe_identity(probe_ids),
-                   "tokenizer_json_sha256": None},
-        vocab_collisions=None, prompts=tuple(recorded))
+        kind=KIND_DEPLOYMENT,
+        model_id=str(card.get("id", "")),
+        created=_now(),
+        settings={
+            "top_k": top_k,
+            "add_bos_token": False,
+            "positions_per_prompt": positions_per_prompt,
+            "cache_mode": parameters.get("cache_mode"),
+            "max_seq_len": parameters.get("max_seq_len"),
+            "source": client.url,
+        },
+        tokenizer={
+            "probe": TOKENIZER_PROBE,
+            "probe_ids_sha256": probe_identity(probe_ids),
+            "tokenizer_json_sha256": None,
+        },
+        vocab_collisions=None,
+        prompts=tuple(recorded),
+    )
 
 
 class ReferenceBackend(Protocol):
@@ -294,9 +376,13 @@ class ReferenceBackend(Protocol):
         """Log-softmax (len(counts), vocab) of the token after ids[:n] for each n in counts (one forward)."""
 
 
-def compute_reference(backend: ReferenceBackend, prompts: Sequence[Prompt], top_k: int = COMPUTE_TOP_K,
-                      positions_per_prompt: int = POSITIONS_PER_PROMPT,
-                      progress: Callable[[int, int], None] | None = None) -> Reference:
+def compute_reference(
+    backend: ReferenceBackend,
+    prompts: Sequence[Prompt],
+    top_k: int = COMPUTE_TOP_K,
+    positions_per_prompt: int = POSITIONS_PER_PROMPT,
+    progress: Callable[[int, int], None] | None = None,
+) -> Reference:
     """Compute a reference locally: exact distributions, stored as top-K with ids, plus the vocab's collisions."""
     import numpy as np
 
@@ -313,19 +399,38 @@ def compute_reference(backend: ReferenceBackend, prompts: Sequence[Prompt], top_
             for (prefix, ids), row in zip(cuts, rows):
                 row = np.asarray(row, dtype=np.float64)
                 order = np.argsort(-row, kind="stable")[:top_k]
-                positions.append(Position(prefix=prefix, token_count=len(ids), prefix_ids=tuple(ids),
-                                          top_ids=tuple(int(i) for i in order),
-                                          top_tokens=tuple(pieces[i] for i in order),
-                                          top_logprobs=tuple(float(row[i]) for i in order)))
+                positions.append(
+                    Position(
+                        prefix=prefix,
+                        token_count=len(ids),
+                        prefix_ids=tuple(ids),
+                        top_ids=tuple(int(i) for i in order),
+                        top_tokens=tuple(pieces[i] for i in order),
+                        top_logprobs=tuple(float(row[i]) for i in order),
+                    )
+                )
             computed.append(ReferencePrompt(name=prompt.name, text=prompt.text, positions=tuple(positions)))
         if progress:
             progress(index + 1, len(prompts))
     if not computed:
         raise BadInput("no prompt yielded a usable prefix", "use longer prompts with several words")
     return Reference(
-        kind=backend.kind, model_id=backend.model_id, created=_now(),
-        settings={"top_k": top_k, "add_bos_token": False, "positions_per_prompt": positions_per_prompt,
-                  "cache_mode": None, "max_seq_len": None, "source": "compute"},
-        tokenizer={"probe": TOKENIZER_PROBE, "probe_ids_sha256": probe_identity(backend.encode(TOKENIZER_PROBE)),
-                   "tokenizer_json_sha256": backend.tokenizer_sha256},
-        vocab_collisions=collision_counts(pieces), prompts=tuple(computed))
+        kind=backend.kind,
+        model_id=backend.model_id,
+        created=_now(),
+        settings={
+            "top_k": top_k,
+            "add_bos_token": False,
+            "positions_per_prompt": positions_per_prompt,
+            "cache_mode": None,
+            "max_seq_len": None,
+            "source": "compute",
+        },
+        tokenizer={
+            "probe": TOKENIZER_PROBE,
+            "probe_ids_sha256": probe_identity(backend.encode(TOKENIZER_PROBE)),
+            "tokenizer_json_sha256": backend.tokenizer_sha256,
+        },
+        vocab_collisions=collision_counts(pieces),
+        prompts=tuple(computed),
+    )

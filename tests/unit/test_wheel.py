@@ -1,0 +1,107 @@
+"""An installed wheel (not only the editable checkout) can plan and render: its data files ship inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from toolkit.detect.gpu_spec import parse_gpu_spec
+from toolkit.facts.profiles import load_profile
+from toolkit.plan.plan import PlanRequest
+from toolkit.plan.planner import make_plan
+from toolkit.render.bundle import RenderOptions, render_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(a) for a in args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the built wheel, a venv with only that wheel installed as glm-deploy; dependencies from the system)."""
+    work = tmp_path_factory.mktemp("wheel")
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        work / "dist",
+        ROOT,
+        cwd=work,
+    )
+    (wheel,) = (work / "dist").glob("glm_deploy-*.whl")
+    venv = work / "venv"
+    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=work)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        venv / "bin" / "python",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        wheel,
+        cwd=work,
+    )
+    return wheel, venv
+
+
+def test_wheel_holds_every_module_and_data_file(installed: tuple[Path, Path]) -> None:
+    wheel, _ = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tracked = subprocess.run(
+        ["git", "ls-files", "toolkit", "profiles", "dockerfiles"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout: the list of files to expect is unknown")
+    for path in tracked:
+        if path.endswith(".md"):
+            continue
+        inside = path if path.startswith("toolkit/") else f"toolkit/_data/{path}"
+        assert inside in names, f"{path} is missing from the wheel (pyproject.toml [tool.setuptools])"
+
+
+def test_installed_wheel_plans_and_renders_outside_the_checkout(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, venv = installed
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    where = run(
+        venv / "bin" / "python", "-c", "import toolkit; print(toolkit.__file__)", cwd=tmp_path, env=env
+    )
+    assert Path(where.stdout.strip()).is_relative_to(venv), "the venv imported the checkout, not the wheel"
+
+    plan = run(venv / "bin" / "deploy", "plan", "--gpus", "8x24GiB", "--json", cwd=tmp_path, env=env)
+    expected = make_plan(load_profile("glm-4.7"), parse_gpu_spec("8x24GiB"), PlanRequest())
+    assert json.loads(plan.stdout) == json.loads(json.dumps(expected.to_dict()))
+
+    run(venv / "bin" / "deploy", "render", "--gpus", "2xH200", "--out", "tmp", cwd=tmp_path, env=env)
+    here = render_bundle(
+        make_plan(load_profile("glm-4.7"), parse_gpu_spec("2xH200"), PlanRequest()),
+        tmp_path / "here",
+        RenderOptions(models_dir=str(tmp_path / "tmp" / "models")),
+    )
+    for name in ("Dockerfile", "ensure-pr295.sh", "config.yml", "compose.yaml"):
+        assert (tmp_path / "tmp" / name).read_bytes() == (here.out_dir / name).read_bytes(), name

@@ -1,0 +1,126 @@
+"""Options several commands share, declared once: the plan flags, "GPUs from --gpus or NVML", numbers and ports.
+
+Numbers are parsed here rather than by argparse `type=` so that a bad value is one line and exit 2, not a usage
+dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .. import validate
+from ..detect.inventory import GpuInventory
+from ..errors import BadInput
+from ..facts.runtime import DEFAULT_HOST_PORT
+from ..plan.plan import PlanRequest
+
+PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib")  # default None; cache and split default to "auto"
+NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
+DEFAULT_PORT = str(DEFAULT_HOST_PORT)  # argparse default: parsed like a given value
+
+
+def add_plan_options(parser: Any) -> None:
+    """--profile, --gpus, --context, --cache, --quant, --split, --headroom-mib (a parser or an argument group)."""
+    parser.add_argument(
+        "--profile", default="glm-4.7", help="model profile name or YAML path (default glm-4.7)"
+    )
+    parser.add_argument(
+        "--gpus",
+        metavar="SPEC",
+        help="plan for these GPUs instead of the detected ones: 8x24GiB, 4xRTX5090, 2xH200, "
+        "24GiB,24GiB,48GiB, 97887MiB (GiB/MiB binary, GB/MB decimal)",
+    )
+    parser.add_argument(
+        "--context",
+        metavar="N|max",
+        help="required context in tokens (default: the profile's minimum, 32768 for GLM-4.7); "
+        "max = the model's maximum",
+    )
+    parser.add_argument(
+        "--cache",
+        default="auto",
+        metavar="auto|FP16|K,V",
+        help="KV-cache mode: auto (default), FP16, Q4/Q6/Q8, or K,V bits such as 6,5",
+    )
+    parser.add_argument("--quant", metavar="BRANCH", help="fix the quant (a branch of the model repo)")
+    parser.add_argument(
+        "--split",
+        default="auto",
+        metavar="auto|tp|layer",
+        help="multi-GPU split: auto (default), tp (tensor parallel) or layer",
+    )
+    parser.add_argument(
+        "--headroom-mib",
+        metavar="N",
+        help="safety margin per GPU in MiB (default: 256 MiB or 1%% of the GPU, the larger)",
+    )
+
+
+def add_port_option(parser: Any) -> None:
+    """--port: the host port, parsed by port_number() (the same check in every command)."""
+    parser.add_argument(
+        "--port", default=DEFAULT_PORT, metavar="PORT", help=f"host port (default {DEFAULT_HOST_PORT})"
+    )
+
+
+def given_plan_options(args: argparse.Namespace) -> list[str]:
+    """The plan flags set on this command line (as the user spelled them)."""
+    given = [f"--{name.replace('_', '-')}" for name in PLAN_OPTIONS if getattr(args, name) is not None]
+    return given + [f"--{name}" for name in ("cache", "split") if getattr(args, name) != "auto"]
+
+
+def whole_number(value: str, option: str) -> int:
+    """Integers with a one-line error instead of argparse's usage dump ("32_768" is fine)."""
+    try:
+        return int(value.replace("_", ""))
+    except ValueError:
+        raise BadInput(f"{option} {value!r} is not a whole number", f"e.g. {option} 32768") from None
+
+
+def port_number(value: str, option: str = "--port") -> int:
+    """The one checked type of --port: a whole number 1-65535, else one line and exit 2."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadInput(f"{option} {value!r} is not a TCP port", "use 1-65535") from None
+    return validate.port(number, option)
+
+
+def line_count(text: str, option: str) -> int:
+    """A non-negative count of lines (e.g. --tail)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadInput(f"{option} {text!r} is not a number", f"e.g. {option} 100 or {option} all") from None
+    if value < 0:
+        raise BadInput(f"{option} must not be negative", f"e.g. {option} 100")
+    return value
+
+
+def request_from_args(args: argparse.Namespace) -> PlanRequest:
+    """Translate the plan flags into a PlanRequest (validation of ranges is the planner's)."""
+    context_max = (args.context or "").strip().lower() == "max"
+    context = None if args.context is None or context_max else whole_number(args.context, "--context")
+    headroom = None if args.headroom_mib is None else whole_number(args.headroom_mib, "--headroom-mib")
+    return PlanRequest(
+        context=context,
+        context_max=context_max,
+        cache=args.cache,
+        quant=args.quant,
+        split=args.split.strip().lower(),
+        headroom_mib=headroom,
+    )
+
+
+def inventory_from_args(args: argparse.Namespace) -> GpuInventory:
+    """The GPUs to plan for: --gpus when given, else this host's (NVML; exit 4 without a driver)."""
+    from ..detect.inventory import inventory_for
+
+    return inventory_for(args.gpus)
+
+
+def no_gpu(args: argparse.Namespace) -> bool:
+    """The explicit CPU-only switch (--no-gpu or GLM_DEPLOY_NO_GPU=1): no GPU requests, no NVIDIA runtime check."""
+    return bool(getattr(args, "no_gpu", False)) or os.environ.get(NO_GPU_ENV) == "1"

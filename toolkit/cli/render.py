@@ -1,0 +1,160 @@
+"""`deploy render`: turn a plan (a file, or plan options) into the deployment's files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput
+from .options import (
+    add_plan_options,
+    add_port_option,
+    given_plan_options,
+    inventory_from_args,
+    port_number,
+    request_from_args,
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add `deploy render` and its options (plan options spelled as in `deploy plan`)."""
+    parser = subparsers.add_parser(
+        "render",
+        help="write the Dockerfile, TabbyAPI config, API keys, compose.yaml and .env for a plan",
+        description="Render a plan into DIR: Dockerfile (TabbyAPI at a pinned commit with PR #295), "
+        "config.yml, "
+        "api_tokens.yml (0600, kept across re-renders), compose.yaml, .env and render.json. "
+        "Exit 0 ok, 2 bad input, 3 nothing fits, 4 driver too old for any TabbyAPI image.",
+    )
+    source = parser.add_argument_group("plan (a file, or the options of `deploy plan`)")
+    source.add_argument(
+        "--plan", metavar="PLAN.json", help="a `deploy plan --json` output file ('-' = stdin)"
+    )
+    add_plan_options(source)
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder to render into (created atomically)"
+    )
+    parser.add_argument(
+        "--tabby-ref",
+        metavar="COMMIT",
+        help="TabbyAPI commit (7-40 hex) or tag instead of the pinned known-good commit",
+    )
+    parser.add_argument(
+        "--cuda",
+        default="auto",
+        choices=("auto", "12", "13"),
+        help="CUDA variant of the image (default: from the host driver's CUDA version)",
+    )
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="host address to publish the API on (default 127.0.0.1: this machine only)",
+    )
+    add_port_option(parser)
+    parser.add_argument(
+        "--models-dir",
+        metavar="PATH",
+        help="absolute host folder holding the model folder (default: DIR/models)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the rendered files of an --out that holds a different rendering",
+    )
+    parser.add_argument(
+        "--no-gpu-reservation",
+        action="store_true",
+        help="omit the compose GPU reservation (only for CPU-only test engines)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=run)
+
+
+def _read_plan(source: str) -> Any:
+    """A Plan from a `deploy plan --json` file or stdin; a malformed one is bad input (exit 2)."""
+    from ..plan.plan import Plan
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        return Plan.from_dict(json.loads(text))
+    except OSError as exc:
+        raise BadInput(
+            f"cannot read plan {source}: {exc.strerror}", "give a `deploy plan --json` file"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadInput(
+            f"plan {source} is not a `deploy plan --json` object ({type(exc).__name__}: {exc})",
+            "re-run `deploy plan --json > plan.json`",
+        ) from None
+
+
+def _make_plan(args: argparse.Namespace) -> Any:
+    """Plan from the same options as `deploy plan` (detected GPUs unless --gpus)."""
+    from ..facts.profiles import load_profile
+    from ..plan.planner import make_plan
+
+    return make_plan(load_profile(args.profile), inventory_from_args(args), request_from_args(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Render and say where things are (never what the key is)."""
+    from ..render.bundle import RenderOptions, render_bundle
+
+    if args.plan is not None:
+        given = given_plan_options(args)
+        if given:
+            raise BadInput(
+                f"--plan cannot be combined with {', '.join(given)}", "give a plan file or plan options"
+            )
+        plan = _read_plan(args.plan)
+    else:
+        plan = _make_plan(args)
+    options = RenderOptions(
+        tabby_ref=args.tabby_ref,
+        cuda=args.cuda,
+        bind=args.bind,
+        port=port_number(args.port),
+        models_dir=args.models_dir,
+        force=args.force,
+        gpu_reservation=not args.no_gpu_reservation,
+    )
+    bundle = render_bundle(plan, Path(args.out), options)
+    if args.json:
+        from ..output import emit_json
+
+        emit_json(
+            {
+                "out_dir": str(bundle.out_dir),
+                "changed": bundle.changed,
+                "image": bundle.image,
+                "files": {
+                    "dockerfile": str(bundle.dockerfile),
+                    "config": str(bundle.config),
+                    "compose": str(bundle.compose),
+                    "env": str(bundle.env),
+                    "api_tokens": str(bundle.api_tokens),
+                    "manifest": str(bundle.manifest),
+                    "plan": str(bundle.plan),
+                },
+                "manifest": bundle.manifest_data,
+            }
+        )
+        return 0
+    from ..output import console
+
+    out = console()
+    verb = "rendered" if bundle.changed else "unchanged"
+    out.print(
+        f"{verb}: {bundle.out_dir} (plan {bundle.manifest_data['plan_digest'][:12]}, TabbyAPI "
+        f"{bundle.tabby_ref[:12]}, CUDA {bundle.cuda}, image {bundle.image})"
+    )
+    out.print(f"  API key file: {bundle.api_tokens} (mode 0600, mounted read-only; send it as X-API-Key)")
+    out.print(f"  model folder expected at: {bundle.models_dir}/{bundle.model_folder}")
+    out.print(
+        f"  next: docker compose -f {bundle.compose} up -d --build   (or `deploy up --out {bundle.out_dir}`)"
+    )
+    return 0

@@ -1,0 +1,123 @@
+"""`deploy verify`: prove a live endpoint serves the expected model and the distributions its quant should give."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import EXIT_OK, EXIT_VERIFY_FAILED, BadInput
+
+
+def register(subparsers: Any) -> None:
+    """Add the verify parser."""
+    parser = subparsers.add_parser(
+        "verify",
+        help="check a live TabbyAPI endpoint: health, readiness, chat, KL spot-check",
+        description="Liveness (/health), readiness (/v1/model: model id, cache mode, context), function (a chat "
+        "completion; reasoning arrives as reasoning_content), and with --reference a KL spot-check of "
+        "teacher-forced next-token distributions. Exit 0 when all pass, 5 when any fails.",
+    )
+    parser.add_argument("--url", required=True, help="the endpoint, e.g. http://127.0.0.1:5000")
+    parser.add_argument(
+        "--api-key-file", help="a file with the key, or TabbyAPI's api_tokens.yml (default: $DEPLOY_API_KEY)"
+    )
+    parser.add_argument(
+        "--reference", type=Path, help="a reference file from `deploy reference record|compute`"
+    )
+    parser.add_argument("--max-kl", type=float, help="fail when the mean KL exceeds this (nats)")
+    parser.add_argument("--expect-model", help="the model id /v1/model must report")
+    parser.add_argument(
+        "--expect-cache-mode", help='the cache mode /v1/model must report, e.g. "5,4" or FP16'
+    )
+    parser.add_argument("--expect-context", type=int, help="the max_seq_len /v1/model must report")
+    parser.add_argument(
+        "--expect-quant",
+        help="the profile's quant branch being served (sets the KL threshold "
+        "against a full-precision reference)",
+    )
+    parser.add_argument(
+        "--profile", default="glm-4.7", help="model profile for measured KL (default glm-4.7)"
+    )
+    parser.add_argument("--prompts", type=int, help="use only the reference's first N prompts")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for the server to come up (its port is closed while "
+        "the model loads)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
+    parser.set_defaults(run=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from ..verify.client import check_url
+
+    check_url(args.url)
+    if args.max_kl is not None and not (math.isfinite(args.max_kl) and args.max_kl >= 0):
+        raise BadInput(f"--max-kl must be a non-negative number, got {args.max_kl}")
+    if args.prompts is not None and args.prompts < 1:
+        raise BadInput(f"--prompts must be at least 1, got {args.prompts}")
+    if args.expect_context is not None and args.expect_context < 1:
+        raise BadInput(f"--expect-context must be positive, got {args.expect_context}")
+    if args.wait < 0:
+        raise BadInput(f"--wait must be non-negative, got {args.wait}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything local first (exit 2), then run the checks (exit 5 on any failure)."""
+    from ..output import console, emit_json, status_console
+    from ..verify.checks import VerifyRequest, run_verify
+    from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
+    from ..verify.reference import load_reference
+    from ..verify.report import report_dict, write_junit
+
+    _validate(args)
+    api_key = read_api_key(args.api_key_file)
+    reference = load_reference(args.reference) if args.reference else None
+    if args.expect_quant or (
+        reference is not None and reference.kind == "full_precision" and args.max_kl is None
+    ):
+        from ..facts.profiles import load_profile
+
+        profile = load_profile(
+            args.profile
+        )  # a bad profile or unknown branch is bad input, before any request
+        if args.expect_quant:
+            profile.quant(args.expect_quant)
+    if not args.json:
+        status_console().print(f"verifying {args.url} ...")
+    request = VerifyRequest(
+        url=args.url,
+        api_key=api_key,
+        reference=reference,
+        max_kl=args.max_kl,
+        prompts=args.prompts,
+        profile=args.profile,
+        wait_s=args.wait,
+        expect=Expectations(
+            model_id=args.expect_model,
+            cache_mode=args.expect_cache_mode,
+            context=args.expect_context,
+            quant=args.expect_quant,
+        ),
+    )
+    report = run_verify(request)
+    if args.junit:
+        write_junit(report, args.junit)
+    if args.json:
+        emit_json(report_dict(report))
+    else:
+        out = console()
+        for check in report.checks:
+            mark = (
+                "[green]PASS[/]" if check.passed else ("[yellow]SKIP[/]" if check.skipped else "[red]FAIL[/]")
+            )
+            out.print(f"{mark} {check.name:<10} {check.detail}", markup=True)
+        out.print("all checks passed" if report.passed else "verification FAILED")
+    return EXIT_OK if report.passed else EXIT_VERIFY_FAILED

@@ -1,0 +1,154 @@
+"""`deploy auto`'s pipeline: detect -> plan (confirmed) -> render -> preflight -> fetch-model -> build -> up -> verify.
+
+Every step is the same function the single-step commands run (steps.py); re-running converges. The caller (the
+CLI) shows the plan and asks for confirmation through a callback, and reads how far the pipeline got from the
+outcome dict, which run_auto fills in as it goes (also when a stage fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..detect.inventory import GpuInventory
+from ..errors import VerificationFailed
+from ..facts.profiles import ModelProfile
+from ..output import Progress
+from ..plan.plan import Plan, PlanRequest
+from .deployment import Deployment, endpoint_summary, load_deployment
+from .steps import build_step, fetch_step, publishes, up_step
+
+Confirm = Callable[[Plan, ModelProfile, GpuInventory, PlanRequest], bool]
+
+
+@dataclass(frozen=True)
+class AutoRequest:
+    """Everything `deploy auto` was asked for."""
+
+    out: Path
+    profile: str
+    gpus: str | None  # a --gpus spec, or None: this host's GPUs (NVML)
+    plan_request: PlanRequest
+    bind: str
+    port: int
+    models_dir: str | None
+    cuda: str
+    hf_token_file: Path | None
+    cpu_only: bool
+    skip_build: bool
+    ready_timeout_s: float | None
+    retry_smaller: bool
+
+
+def run_auto(
+    request: AutoRequest, progress: Progress, outcome: dict[str, Any], confirm: Confirm
+) -> Deployment | None:
+    """Run every stage (outcome["stage"] names the current one); None when confirm() declined the plan."""
+    from ..detect.inventory import inventory_for
+    from ..facts.profiles import load_profile
+    from ..plan.planner import make_plan
+    from ..render.bundle import RenderOptions, render_bundle
+    from . import engine, state
+    from .preflight import check_gpu_runtime, check_port
+
+    profile = load_profile(request.profile)
+    inventory = inventory_for(request.gpus)
+    plan = make_plan(profile, inventory, request.plan_request)
+    outcome["plan"] = {
+        "quant": plan.quant,
+        "context": plan.context,
+        "cache_mode": plan.cache_mode,
+        "split": plan.split,
+        "gpus": [a.index for a in plan.per_gpu],
+        "digest": plan.digest(),
+    }
+    if not confirm(plan, profile, inventory, request.plan_request):
+        progress.note("not deployed (answer was not yes)")
+        return None
+
+    outcome["stage"] = "render"
+    bundle = render_bundle(
+        plan,
+        request.out,
+        RenderOptions(
+            cuda=request.cuda,
+            bind=request.bind,
+            port=request.port,
+            models_dir=request.models_dir,
+            gpu_reservation=not request.cpu_only,
+            force=True,
+        ),
+    )
+    dep = load_deployment(bundle.out_dir)
+    outcome.update(out_dir=str(dep.out_dir), url=dep.url, api_key_file=str(dep.api_tokens))
+    progress.note(f"rendered {dep.out_dir} ({'changed' if bundle.changed else 'unchanged'})")
+
+    outcome["stage"] = "preflight"
+    client = engine.connect()
+    if not request.cpu_only:
+        check_gpu_runtime(client)
+    ours = engine.find_container(client, state.default_container_name(dep.out_dir))
+    if not publishes(ours, int(dep.manifest["port"])):
+        check_port(str(dep.manifest["bind"]), int(dep.manifest["port"]))
+
+    outcome["stage"] = "fetch-model"
+    fetched = fetch_step(dep, progress, request.hf_token_file)
+    outcome["model"] = fetched.to_dict()
+
+    outcome["stage"] = "build"
+    if request.skip_build:
+        outcome["image"] = {"tag": dep.manifest["image"], "reused": True}
+    else:
+        built = build_step(dep, client, progress)
+        outcome["image"] = {"tag": built.tag, "id": built.id, "reused": built.reused}
+
+    outcome["stage"] = "up"
+    result = up_step(
+        dep,
+        client,
+        progress,
+        gpu=not request.cpu_only,
+        ready_timeout_s=request.ready_timeout_s,
+        retry_smaller=request.retry_smaller,
+    )
+    dep = load_deployment(dep.out_dir)
+    outcome.update(
+        container=result.state.container_name,
+        action=result.action,
+        ready_s=round(result.ready_s, 1),
+        retried_context=result.retried_context,
+    )
+
+    outcome["stage"] = "verify"
+    outcome["verify"] = _verify(dep)
+    outcome.update(ok=True, stage="done", curl=endpoint_summary(dep).splitlines()[-1].removeprefix("try: "))
+    return dep
+
+
+def _verify(dep: Deployment) -> list[dict[str, Any]]:
+    """Liveness, readiness and function checks of the verify helper against the planned model."""
+    from ..verify.checks import VerifyRequest, run_verify
+    from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
+
+    expect = Expectations(
+        model_id=dep.model_folder,
+        cache_mode=dep.plan.cache_mode,
+        context=dep.plan.context,
+        quant=dep.plan.quant,
+    )
+    report = run_verify(
+        VerifyRequest(
+            url=dep.url, api_key=read_api_key(str(dep.api_tokens)), expect=expect, profile=dep.plan.profile
+        )
+    )
+    checks = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in report.checks]
+    if not report.passed:
+        failed = next(c for c in report.checks if not c.passed)
+        raise VerificationFailed(
+            f"verification failed: {failed.name}: {failed.detail}",
+            f"see `deploy logs --out {dep.out_dir}` and `deploy verify`",
+        )
+    return checks

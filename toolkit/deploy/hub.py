@@ -1,0 +1,316 @@
+"""Model download from the Hugging Face hub (huggingface_hub): reuse, disk check, resume, integrity, token handling.
+
+Resume: huggingface_hub resumes a dropped connection inside one call with an HTTP Range request (against the
+storage host the hub redirects LFS files to, without the token); across interrupted runs it keeps every finished
+file (local-dir metadata records the commit), so a re-run fetches only the files that were not complete. Version
+2.x discards a partial file, so the unit of cross-run resume is one file (an EXL3 shard). Xet-backed files go
+through hf_xet when it is installed (HF_HUB_DISABLE_XET=1: plain HTTP). Details: docs/downloads.md.
+Integrity: after download every file's size, and every LFS file's sha256, is compared with what the hub reports;
+a completion marker (.glm-deploy-complete.json, with the commit sha) then lets later runs skip the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text
+from ..errors import BadInput, EnvironmentMissing, ToolkitError
+from ..facts.layout import MODEL_MARKER
+from ..facts.profiles import BRANCH_PATTERN, REPO_PATTERN
+
+HASH_BLOCK_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a revision as the hub reports it (sha256 only for LFS files)."""
+
+    path: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class RemoteSnapshot:
+    """A branch resolved to its commit, with every file's size and hash."""
+
+    repo: str
+    revision: str
+    commit: str
+    files: tuple[RemoteFile, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes on disk once complete."""
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class ModelFetch:
+    """Where the model is and how it got there (the fetch-model result)."""
+
+    path: str
+    repo: str
+    revision: str
+    commit: str
+    total_bytes: int
+    files: int
+    reused: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def model_path(models_dir: Path, revision: str) -> Path:
+    """The folder of one quant: models/<branch> (TabbyAPI's model_name is this folder's name)."""
+    if not BRANCH_PATTERN.match(revision):
+        raise BadInput(f"unsafe revision name {revision!r}", "use a quant branch name from the profile")
+    return models_dir / revision
+
+
+def resolve_token(token_file: Path | None = None) -> str | None:
+    """HF token: HF_TOKEN from the environment, else --hf-token-file, else huggingface_hub's saved token."""
+    from_env = os.environ.get("HF_TOKEN", "").strip()
+    if from_env:
+        return from_env
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise BadInput(
+                f"cannot read the HF token file {token_file}: {exc.strerror}",
+                "pass a readable file to --hf-token-file",
+            ) from None
+        if not token:
+            raise BadInput(f"the HF token file {token_file} is empty", "write the token into it")
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def read_marker(target: Path, repo: str, revision: str) -> dict[str, Any] | None:
+    """The completion marker if it belongs to this repo/revision and every recorded file still has its size."""
+    try:
+        marker = json.loads((target / MODEL_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("repo") != repo or marker.get("revision") != revision:
+        return None
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for rel, size in files.items():
+        local = target / rel
+        if not local.is_file() or local.stat().st_size != size:
+            return None
+    return marker
+
+
+def remote_snapshot(
+    repo: str, revision: str, token: str | None, endpoint: str | None = None
+) -> RemoteSnapshot:
+    """Ask the hub which commit the branch points at and what its files are (one metadata request)."""
+    if not REPO_PATTERN.match(repo):
+        raise BadInput(f"not a repository id: {repo!r}", "use owner/name")
+    from huggingface_hub import HfApi
+
+    with _hub_errors(repo, revision):
+        info = HfApi(endpoint=endpoint, token=token or False).model_info(
+            repo, revision=revision, files_metadata=True
+        )
+    files = tuple(
+        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
+        for s in info.siblings or ()
+    )
+    if not info.sha or not files:
+        raise EnvironmentMissing(
+            f"the hub returned no files for {repo}@{revision}", "check the repository and branch on the hub"
+        )
+    return RemoteSnapshot(repo=repo, revision=revision, commit=info.sha, files=files)
+
+
+def missing_bytes(snapshot: RemoteSnapshot, target: Path) -> int:
+    """Bytes still to download: files that are absent or have the wrong size."""
+    missing = 0
+    for remote in snapshot.files:
+        local = target / remote.path
+        if not (local.is_file() and local.stat().st_size == remote.size):
+            missing += remote.size
+    return missing
+
+
+def fetch_model(
+    repo: str,
+    revision: str,
+    models_dir: Path,
+    token: str | None,
+    *,
+    endpoint: str | None = None,
+    progress: bool = True,
+    note: Callable[[str], None] = lambda _: None,
+) -> ModelFetch:
+    """Download (or reuse) repo@revision into models_dir/<revision>, verify it, and mark it complete."""
+    target = model_path(models_dir, revision)
+    marker = read_marker(target, repo, revision)
+    if marker is not None:
+        note(f"reusing {target} ({repo}@{revision}, commit {marker['commit'][:12]})")
+        return ModelFetch(
+            str(target),
+            repo,
+            revision,
+            marker["commit"],
+            sum(marker["files"].values()),
+            len(marker["files"]),
+            reused=True,
+        )
+    snapshot = remote_snapshot(repo, revision, token, endpoint)
+    check_disk(target, missing_bytes(snapshot, target))
+    for attempt in (1, 2):
+        todo = missing_bytes(snapshot, target)
+        note(
+            f"fetching {repo}@{revision} (commit {snapshot.commit[:12]}): {len(snapshot.files)} files, "
+            f"{_gib(snapshot.total_bytes)} GiB, {_gib(todo)} GiB to download into {target}"
+        )
+        _download(snapshot, target, token, endpoint, progress)
+        note(f"verifying sizes and sha256 of {len(snapshot.files)} files")
+        bad = verify_files(snapshot, target)
+        if not bad:
+            break
+        for rel in bad:
+            _discard(target, rel)
+        if attempt == 2:
+            raise EnvironmentMissing(
+                f"downloaded files do not match the hub's hashes: {', '.join(bad[:3])}",
+                "check the disk and network, then run `deploy fetch-model` again",
+            )
+        note(f"integrity check failed for {', '.join(bad[:3])}; downloading them again")
+    marker_data = {
+        "repo": repo,
+        "revision": revision,
+        "commit": snapshot.commit,
+        "files": {f.path: f.size for f in snapshot.files},
+    }
+    write_text(target / MODEL_MARKER, json.dumps(marker_data, indent=2) + "\n")
+    return ModelFetch(
+        str(target), repo, revision, snapshot.commit, snapshot.total_bytes, len(snapshot.files), reused=False
+    )
+
+
+def verify_files(snapshot: RemoteSnapshot, target: Path) -> list[str]:
+    """Paths whose size or sha256 differs from the hub's report (hashing runs in threads: hashlib frees the GIL)."""
+    bad = [
+        f.path
+        for f in snapshot.files
+        if not (target / f.path).is_file() or (target / f.path).stat().st_size != f.size
+    ]
+    to_hash = [f for f in snapshot.files if f.sha256 and f.path not in bad]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda f: _sha256(target / f.path), to_hash)
+        bad += [f.path for f, digest in zip(to_hash, digests) if digest != f.sha256]
+    return sorted(bad)
+
+
+def check_disk(target: Path, need_bytes: int) -> None:
+    """Free space at the models folder must cover what is left to download plus a margin (exit 4 otherwise)."""
+    if need_bytes <= 0:
+        return
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    want = need_bytes + disk_margin_bytes(need_bytes)
+    if free < want:
+        raise EnvironmentMissing(
+            f"not enough disk at {probe}: {_gib(free)} GiB free, the model needs {_gib(want)} GiB "
+            f"({_gib(need_bytes)} GiB + margin)",
+            "free disk space or pass --models-dir on a larger disk",
+        )
+
+
+def disk_margin_bytes(need_bytes: int) -> int:
+    """Headroom kept free beside a download: 2 GiB plus 2 % (logs, temp files, filesystem slack)."""
+    return 2 * 2**30 + need_bytes // 50
+
+
+def _download(
+    snapshot: RemoteSnapshot, target: Path, token: str | None, endpoint: str | None, progress: bool
+) -> None:
+    """snapshot_download pinned to the resolved commit (no branch race); progress bars go to stderr."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    target.mkdir(parents=True, exist_ok=True)
+    (enable_progress_bars if progress else disable_progress_bars)()
+    with _hub_errors(snapshot.repo, snapshot.revision):
+        snapshot_download(
+            snapshot.repo, revision=snapshot.commit, local_dir=target, token=token or False, endpoint=endpoint
+        )
+
+
+def _discard(target: Path, rel: str) -> None:
+    """Forget a bad file and huggingface_hub's metadata for it, so the next download fetches it again."""
+    (target / rel).unlink(missing_ok=True)
+    (target / ".cache" / "huggingface" / "download" / f"{rel}.metadata").unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+@contextmanager
+def _hub_errors(repo: str, revision: str) -> Iterator[None]:
+    """Turn huggingface_hub / network exceptions into one-line toolkit errors (never showing the token)."""
+    from huggingface_hub import errors
+
+    where = f"{repo}@{revision}"
+    try:
+        yield
+    except ToolkitError:
+        raise
+    except errors.RevisionNotFoundError:
+        raise BadInput(
+            f"branch not found on the hub: {where}", "choose a quant listed by `deploy plan`"
+        ) from None
+    except errors.GatedRepoError:
+        raise EnvironmentMissing(
+            f"{where} is gated", "accept its terms on the hub and set HF_TOKEN"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise EnvironmentMissing(
+            f"repository not found or not accessible: {where}",
+            "check the name; for a private repo set HF_TOKEN or --hf-token-file",
+        ) from None
+    except errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise EnvironmentMissing(
+            f"the hub answered HTTP {status} for {where}", "retry later; run again to resume"
+        ) from None
+    except Exception as exc:
+        xet = type(exc) is RuntimeError  # how hf_xet reports a failed Xet transfer
+        if not (isinstance(exc, OSError) or xet or "httpx" in type(exc).__module__):
+            raise
+        first_line = (str(exc).splitlines() or [""])[0][:160]
+        xet_hint = " (or set HF_HUB_DISABLE_XET=1 to skip Xet storage)" if xet else ""
+        raise EnvironmentMissing(
+            f"download of {where} failed ({type(exc).__name__}: {first_line})",
+            f"check the network (or HF_ENDPOINT); run again to resume{xet_hint}",
+        ) from None

@@ -1,0 +1,352 @@
+"""The deploy steps over one rendered out dir: fetch-model, build, up (with the retry policy), status, down.
+
+Each step is a function over a Deployment (what `deploy render` wrote into the out dir), so the single-step
+commands and `deploy auto` run the same code. Heavy imports (docker, httpx, huggingface_hub) stay inside
+functions: `deploy plan` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import EnvironmentMissing, ToolkitError
+from ..facts.layout import MODEL_MARKER
+from ..output import Progress
+from ..plan.plan import Plan
+from .deployment import Deployment
+from .retry import replan, smaller_context
+
+
+def fetch_step(dep: Deployment, progress: Progress, token_file: Path | None = None) -> Any:
+    """Download (or reuse) the planned quant into the models folder the compose file mounts."""
+    from . import hub
+
+    token = hub.resolve_token(token_file)
+    return hub.fetch_model(
+        dep.plan.hf_repo,
+        dep.plan.quant,
+        dep.models_dir,
+        token,
+        progress=not progress.quiet,
+        note=progress.note,
+    )
+
+
+def build_step(dep: Deployment, client: Any, progress: Progress, force: bool = False) -> Any:
+    """Build the rendered image (streamed), or reuse the one whose label holds this Dockerfile's hash."""
+    from . import engine
+
+    with progress.status(f"building {dep.manifest['image']}") as update:
+        built = engine.build_image(
+            client,
+            dep.out_dir,
+            str(dep.manifest["image"]),
+            content_sha256=str(dep.manifest["dockerfile_sha256"]),
+            on_line=update,
+            force=force,
+            labels={"io.glm-deploy.plan-sha256": dep.plan.digest()},
+        )
+    progress.note(f"image {built.tag} {'reused (same Dockerfile hash)' if built.reused else 'built'}")
+    return built
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """A running, ready deployment."""
+
+    state: Any
+    action: str
+    ready_s: float
+    model: dict[str, Any]
+    retried_context: int | None = None
+
+
+def up_step(
+    dep: Deployment,
+    client: Any,
+    progress: Progress,
+    *,
+    gpu: bool,
+    ready_timeout_s: float | None = None,
+    retry_smaller: bool = False,
+) -> UpResult:
+    """Preflight, converge the container, wait for readiness; an OOM load may be re-planned smaller once."""
+    from .diagnose import DiagnosedFailure
+
+    try:
+        return _up_once(dep, client, progress, gpu=gpu, ready_timeout_s=ready_timeout_s)
+    except DiagnosedFailure as failure:
+        if not (retry_smaller and failure.diagnosis.kind == "oom"):
+            raise
+        smaller = smaller_context(dep.plan.context, _profile_min_context(dep.plan))
+        if smaller is None:
+            raise
+        progress.warn(
+            f"out of GPU memory at context {dep.plan.context}; re-planning with context {smaller} and "
+            "retrying once (--retry-smaller)"
+        )
+        dep = replan(dep, smaller)
+        if not _image_present(client, str(dep.manifest["image"])):
+            build_step(dep, client, progress)  # the image labels carry the plan hash: a new plan, a new tag
+        result = _up_once(dep, client, progress, gpu=gpu, ready_timeout_s=ready_timeout_s)
+        return UpResult(result.state, result.action, result.ready_s, result.model, retried_context=smaller)
+
+
+def _image_present(client: Any, tag: str) -> bool:
+    from docker.errors import ImageNotFound
+
+    try:
+        client.images.get(tag)
+    except ImageNotFound:
+        return False
+    return True
+
+
+def _profile_min_context(plan: Plan) -> int:
+    from ..facts.profiles import load_profile
+
+    return load_profile(plan.profile).serving.default_min_context
+
+
+def _up_once(
+    dep: Deployment, client: Any, progress: Progress, *, gpu: bool, ready_timeout_s: float | None
+) -> UpResult:
+    from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
+    from . import compose_spec, engine, hub, readiness, state
+    from .preflight import PreflightRequest, run_preflight
+
+    gpu = gpu and bool(dep.manifest.get("gpu_reservation", True))
+    if hub.read_marker(dep.model_dir, dep.plan.hf_repo, dep.plan.quant) is None:
+        raise EnvironmentMissing(
+            f"the model is not downloaded completely into {dep.model_dir}",
+            f"run `deploy fetch-model --out {dep.out_dir}`",
+        )
+    spec = compose_spec.spec_from_compose(
+        dep.compose, name=state.default_container_name(dep.out_dir), gpu=gpu
+    )
+    existing = engine.find_container(client, spec.name)
+    published = spec.published or ("127.0.0.1", int(dep.manifest["port"]))
+    model_bytes = _model_bytes(dep)
+    notes = run_preflight(
+        client,
+        PreflightRequest(
+            gpu=gpu,
+            bind=published[0],
+            port=published[1],
+            models_dir=dep.models_dir,
+            model_dir_name=dep.model_folder,
+            model_bytes=model_bytes,
+            image_cuda=_image_cuda(dep),
+            driver_cuda=dep.plan.inventory.cuda_driver_version,
+            port_held_by_us=publishes(existing, published[1]),
+        ),
+    )
+    for note in notes:
+        progress.note(note)
+    api_key = read_api_key(str(dep.api_tokens))
+    container, action = engine.converge(client, spec, dep.out_dir)
+    record = state.DeploymentState(
+        out_dir=str(dep.out_dir),
+        container_name=container.name,
+        container_id=container.id,
+        image=spec.image,
+        image_id=container.attrs.get("Image", ""),
+        config_sha256=container.labels.get(engine.LABEL_CONFIG, ""),
+        bind=published[0],
+        port=published[1],
+        model_id=dep.model_folder,
+        gpu=gpu,
+        plan_sha256=dep.plan.digest(),
+    )
+    state.save_state(dep.out_dir, record)
+    progress.note(f"container {container.name} {action}")
+    timeout = ready_timeout_s or readiness.ready_timeout_s(model_bytes)
+    expect = Expectations(model_id=dep.model_folder, cache_mode=dep.plan.cache_mode, context=dep.plan.context)
+    with progress.status(
+        f"waiting for {dep.url} to serve {dep.model_folder} (timeout {int(timeout)} s)"
+    ) as update:
+        try:
+            ready = readiness.wait_ready(
+                dep.url,
+                api_key,
+                expect,
+                timeout_s=timeout,
+                container=container,
+                on_progress=lambda stage, line: update(f"[{stage}] {line}"),
+            )
+        except ToolkitError:
+            engine.stop(container)  # no endless restarts; the log stays for `deploy logs`
+            raise
+    progress.note(f"ready after {ready.seconds:.1f} s: {dep.url} serves {dep.model_folder}")
+    return UpResult(record, action, ready.seconds, ready.model)
+
+
+def publishes(container: Any, port: int) -> bool:
+    """Whether our running container already holds that host port (then the port check must not count it)."""
+    if container is None or container.status != "running":
+        return False
+    bindings = (container.attrs.get("HostConfig") or {}).get("PortBindings") or {}
+    return any(str(port) == b.get("HostPort") for values in bindings.values() for b in values or ())
+
+
+def _model_bytes(dep: Deployment) -> int:
+    """Bytes of the model on disk: the completed download's, else the plan's weights plus the RAM-side embedding."""
+    marker_path = dep.model_dir / MODEL_MARKER
+    try:
+        return int(sum(json.loads(marker_path.read_text(encoding="utf-8"))["files"].values()))
+    except (OSError, ValueError, KeyError, TypeError):
+        from ..facts.profiles import load_profile
+
+        embedding = load_profile(dep.plan.profile).architecture.embedding_bytes
+        return int(dep.plan.weights_gib * 2**30) + embedding
+
+
+def _image_cuda(dep: Deployment) -> str | None:
+    """The lowest driver CUDA the rendered image accepts (from the TabbyAPI pin's variant), when known."""
+    try:
+        from ..facts.tabby_pin import load_tabby_pin
+
+        major, minor = load_tabby_pin().variant(str(dep.manifest["cuda"])).min_driver_cuda
+        return f"{major}.{minor}"
+    except (ToolkitError, KeyError, OSError, ValueError):
+        return None
+
+
+def container_name(dep: Deployment) -> str:
+    """The deployment's container: the one `up` recorded, else the name `up` would give it."""
+    from . import state
+
+    record = state.load_state(dep.out_dir)
+    return record.container_name if record else state.default_container_name(dep.out_dir)
+
+
+def status_data(dep: Deployment, client: Any) -> dict[str, Any]:
+    """Container state, health, the served model, and GPU memory per device (NVML) against the plan."""
+    from ..verify.client import ServerError, TabbyClient, read_api_key
+    from . import engine
+    from .diagnose import diagnose
+
+    name = container_name(dep)
+    container = engine.find_container(client, name)
+    data: dict[str, Any] = {
+        "out_dir": str(dep.out_dir),
+        "url": dep.url,
+        "container": None,
+        "health": None,
+        "model": None,
+        "gpus": None,
+        "nvml": None,
+    }
+    if container is None:
+        data["state"] = "not deployed"
+    else:
+        current = engine.status(container)
+        data["state"] = current.status
+        data["container"] = {
+            "name": current.name,
+            "id": current.id[:12],
+            "status": current.status,
+            "restart_count": current.restart_count,
+            "health": current.health,
+            "exit_code": current.exit_code,
+        }
+        if not current.running or current.restart_count:
+            found = diagnose(
+                engine.read_logs(container, tail=400),
+                exit_code=current.exit_code,
+                restart_count=current.restart_count,
+                oom_killed=current.oom_killed,
+            )
+            if found is not None:
+                data["diagnosis"] = {
+                    "kind": found.kind,
+                    "message": found.message,
+                    "hint": found.hint,
+                    "evidence": found.evidence,
+                }
+        if current.running:
+            with closing(TabbyClient(dep.url, read_api_key(str(dep.api_tokens)), timeout_s=5.0)) as tabby:
+                try:
+                    data["health"] = tabby.health().status_code
+                    model = tabby.model()
+                    params = model.get("parameters") or {}
+                    data["model"] = {
+                        "id": model.get("id"),
+                        "max_seq_len": params.get("max_seq_len"),
+                        "cache_mode": params.get("cache_mode"),
+                        "cache_size": params.get("cache_size"),
+                    }
+                except ServerError as error:
+                    data["model"] = {"error": str(error)}
+    data["gpus"], data["nvml"] = _gpu_memory(dep.plan)
+    return data
+
+
+def _gpu_memory(plan: Plan) -> tuple[list[dict[str, Any]] | None, str]:
+    """Per planned GPU: NVML's used MiB now vs the plan's weights + cache + overhead."""
+    from ..detect.inventory import detect_nvml
+
+    try:
+        live = detect_nvml()
+    except ToolkitError as error:
+        return None, f"unavailable ({error.message}); GPU memory cannot be shown"
+    by_uuid = {g.uuid: g for g in live.gpus if g.uuid}
+    by_index = {g.index: g for g in live.gpus}
+    planned_by_index = {g.index: g for g in plan.inventory.gpus}
+    rows = []
+    for allocation in plan.per_gpu:
+        planned_gpu = planned_by_index.get(allocation.index)
+        gpu = (
+            by_uuid.get(planned_gpu.uuid)
+            if planned_gpu and planned_gpu.uuid
+            else by_index.get(allocation.index)
+        )
+        rows.append(
+            {
+                "index": allocation.index,
+                "name": gpu.name if gpu else None,
+                "used_mib": gpu.used_mib if gpu else None,
+                "total_mib": gpu.total_mib if gpu else None,
+                "planned_mib": allocation.weights_mib + allocation.cache_mib + allocation.overhead_mib,
+            }
+        )
+    return rows, "ok"
+
+
+def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> dict[str, Any]:
+    """Remove the container; keep models and keys unless purge (then the model folder and key file go too)."""
+    from . import engine, state
+
+    name = container_name(dep)
+    container = engine.find_container(client, name)
+    removed = None
+    if container is not None:
+        if container.labels.get(engine.LABEL_OUT_DIR) != str(dep.out_dir):
+            raise EnvironmentMissing(
+                f"container {name} does not belong to {dep.out_dir}", "remove it by hand"
+            )
+        engine.remove(container)
+        removed = name
+        progress.note(f"removed container {name}")
+    state.clear_state(dep.out_dir)
+    purged = []
+    if purge:
+        if dep.model_dir.is_dir():
+            shutil.rmtree(dep.model_dir)
+            purged.append(str(dep.model_dir))
+        if dep.api_tokens.is_file():
+            dep.api_tokens.unlink()
+            purged.append(str(dep.api_tokens))
+        for path in purged:
+            progress.note(f"purged {path}")
+    else:
+        progress.note(
+            f"kept the model ({dep.model_dir}) and the API key ({dep.api_tokens}); --purge removes them"
+        )
+    return {"removed": removed, "purged": purged}

@@ -1,0 +1,22 @@
+"""The names of the files glm-deploy writes, kept once: a rendered out folder, its state, a model folder's marker."""
+
+from __future__ import annotations
+
+# `deploy render --out DIR`
+DOCKERFILE = "Dockerfile"
+PR295_SCRIPT = "ensure-pr295.sh"  # the PR #295 build step, COPY'd by the Dockerfile
+DOCKERIGNORE = ".dockerignore"
+CONFIG = "config.yml"  # TabbyAPI's config
+COMPOSE = "compose.yaml"
+ENV = ".env"  # the values compose.yaml reads (bind, port, models folder, uid/gid)
+API_TOKENS = "api_tokens.yml"  # TabbyAPI's key file (0600)
+PLAN = "plan.json"  # the plan rendered
+MANIFEST = "render.json"  # written last: what was rendered, with file hashes
+MODELS = "models"  # default models folder inside the out folder
+# `deploy up`
+STATE = "deploy-state.json"
+# `deploy fetch-model`: written into the model folder once every file is downloaded and checked
+MODEL_MARKER = ".glm-deploy-complete.json"
+# `deploy cluster render --out DIR`
+STACK = "stack.yml"
+CLUSTER_MANIFEST = "cluster.json"

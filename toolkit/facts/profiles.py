@@ -1,0 +1,281 @@
+"""Load and validate model profiles (profiles/*.yaml): what is true of a model is data, not code."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import BadInput
+from .paths import PROFILES_DIR
+
+# A quant branch doubles as a git revision, a folder name and a Docker label value: keep it boring.
+BRANCH_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CACHE_FLOOR_PATTERN = re.compile(r"^[2-8],[2-8]$")  # a quantized K,V cache mode in TabbyAPI's spelling
+REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The numbers of the transformer that decide memory."""
+
+    arch: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int
+    vocab_size: int
+    max_position_embeddings: int
+    linear_params: int
+    head_params: int
+    embedding_bytes: int
+
+
+@dataclass(frozen=True)
+class Quant:
+    """One EXL3 quant (one git branch of the model repo) with its measured quality."""
+
+    branch: str
+    bpw: float
+    head_bits: int
+    size_gib: float
+    kl_quant_ref: float
+    kl_ref_quant: float
+    ppl: float
+    top_k_agreement: tuple[float, ...]
+
+    @property
+    def top1(self) -> float:
+        """Fraction of positions where the quant's argmax equals FP16's."""
+        return self.top_k_agreement[0]
+
+
+@dataclass(frozen=True)
+class Serving:
+    """TabbyAPI settings that belong to the model rather than to the host."""
+
+    chunk_size: int
+    reasoning: bool
+    reasoning_start_token: str
+    reasoning_end_token: str
+    tool_format: str
+    default_min_context: int
+    cache_floor: str  # the lowest K,V cache mode the model card recommends ("5,4"): the planner's floor
+
+
+@dataclass(frozen=True)
+class MemoryOverhead:
+    """Per-GPU VRAM beyond weights and cache, in MiB; fitted on real exllamav3 loads (benchmarks/memory_calibration)."""
+
+    base_mib: float  # CUDA context, cuBLAS, kernels: outside torch's allocator (and gpu_split)
+    resident_mib: float  # exllamav3 static buffers + the chunk-independent part of the transient
+    chunk_mib_per_token: float  # transient of the chunk_size dummy forward, per token of chunk_size
+    quant_cache_staging_mib: float  # quantized-cache staging scratch (only with a quantized cache)
+    output_gpu_mib: float  # extra on the GPU holding the lm_head (single, last of a layer split)
+    tensor_parallel_mib: float  # extra on every GPU under tensor parallel (its worker processes)
+    layer_spill_mib: float  # extra on each GPU of a layer split but the last (module that did not fit)
+    calibrated: bool  # False while the numbers are placeholders
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A model, its quant catalog and its serving settings, as read from a profile file."""
+
+    name: str
+    display_name: str
+    hf_repo: str
+    architecture: Architecture
+    quants: tuple[Quant, ...]
+    serving: Serving
+    reference_ppl: float
+    source: Path
+    memory_overhead: MemoryOverhead
+
+    def quant(self, branch: str) -> Quant:
+        """The quant of that branch, or a clear error listing the known ones."""
+        for quant in self.quants:
+            if quant.branch == branch:
+                return quant
+        known = ", ".join(q.branch for q in self.quants)
+        raise BadInput(f"unknown quant {branch!r} for {self.name}", f"choose one of: {known}")
+
+
+class _Reader:
+    """Typed field access that names the file and the field in every error."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, field: str, problem: str) -> BadInput:
+        return BadInput(f"profile {self.source}: field {field!r} {problem}", "fix the profile file")
+
+    def mapping(self, data: Any, field: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.fail(field, "must be a mapping")
+        return data
+
+    def get(self, data: dict[str, Any], key: str, kind: type | tuple[type, ...], field: str) -> Any:
+        if key not in data:
+            raise self.fail(f"{field}{key}", "is missing")
+        value = data[key]
+        if (
+            isinstance(value, bool)
+            and kind is not bool
+            and bool not in (kind if isinstance(kind, tuple) else ())
+        ):
+            raise self.fail(f"{field}{key}", f"must be {_kind_name(kind)}, not a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(f"{field}{key}", f"must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def positive_int(self, data: dict[str, Any], key: str, field: str) -> int:
+        value = self.get(data, key, int, field)
+        if value <= 0:
+            raise self.fail(f"{field}{key}", f"must be positive, got {value}")
+        return value
+
+    def number(self, data: dict[str, Any], key: str, field: str, low: float, high: float) -> float:
+        value = float(self.get(data, key, (int, float), field))
+        if not low <= value <= high:
+            raise self.fail(f"{field}{key}", f"must be between {low} and {high}, got {value}")
+        return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _architecture(reader: _Reader, data: dict[str, Any]) -> Architecture:
+    fields = {
+        name: reader.positive_int(data, name, "architecture.")
+        for name in Architecture.__dataclass_fields__
+        if name != "arch"
+    }
+    if fields["num_attention_heads"] % fields["num_key_value_heads"]:
+        raise reader.fail("architecture.num_key_value_heads", "must divide num_attention_heads")
+    return Architecture(arch=reader.get(data, "arch", str, "architecture."), **fields)
+
+
+def _quant(reader: _Reader, data: Any, index: int) -> Quant:
+    field = f"quants[{index}]."
+    data = reader.mapping(data, field.rstrip("."))
+    branch = reader.get(data, "branch", str, field)
+    if not BRANCH_PATTERN.match(branch):
+        raise reader.fail(f"{field}branch", f"is not a safe branch name: {branch!r}")
+    agreement = reader.get(data, "top_k_agreement", list, field)
+    if not agreement or not all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in agreement):
+        raise reader.fail(f"{field}top_k_agreement", "must be a non-empty list of fractions in [0, 1]")
+    head_bits = reader.get(data, "head_bits", int, field)
+    if not 2 <= head_bits <= 16:
+        raise reader.fail(f"{field}head_bits", f"must be between 2 and 16, got {head_bits}")
+    return Quant(
+        branch=branch,
+        bpw=reader.number(data, "bpw", field, 1.0, 16.0),
+        head_bits=head_bits,
+        size_gib=reader.number(data, "size_gib", field, 0.0, 1e6),
+        kl_quant_ref=reader.number(data, "kl_quant_ref", field, 0.0, 100.0),
+        kl_ref_quant=reader.number(data, "kl_ref_quant", field, 0.0, 100.0),
+        ppl=reader.number(data, "ppl", field, 1.0, 1e6),
+        top_k_agreement=tuple(float(x) for x in agreement),
+    )
+
+
+def _check_size(reader: _Reader, arch: Architecture, quant: Quant, index: int) -> None:
+    """The card's size must match the weight formula, or the profile's numbers are inconsistent."""
+    formula_gib = (quant.bpw * arch.linear_params + quant.head_bits * arch.head_params) / 8 / 2**30
+    if abs(formula_gib - quant.size_gib) > 1.0:
+        raise reader.fail(
+            f"quants[{index}].size_gib", f"is {quant.size_gib} but bpw/head_bits give {formula_gib:.2f} GiB"
+        )
+
+
+def _memory_overhead(reader: _Reader, data: dict[str, Any]) -> MemoryOverhead:
+    """Every field of MemoryOverhead is required: a new term is a new dataclass field plus a YAML key."""
+    values: dict[str, Any] = {}
+    for name in MemoryOverhead.__dataclass_fields__:
+        if name == "calibrated":
+            values[name] = reader.get(data, name, bool, "memory_overhead.")
+        else:
+            values[name] = reader.number(data, name, "memory_overhead.", 0.0, 1e6)
+    return MemoryOverhead(**values)
+
+
+def parse_profile(data: Any, source: Path) -> ModelProfile:
+    """Validate a profile's parsed YAML into a ModelProfile."""
+    reader = _Reader(source)
+    data = reader.mapping(data, "(top level)")
+    if data.get("schema") != 1:
+        raise reader.fail("schema", f"must be 1, got {data.get('schema')!r}")
+    arch = _architecture(reader, reader.mapping(data.get("architecture"), "architecture"))
+    raw_quants = reader.get(data, "quants", list, "")
+    if not raw_quants:
+        raise reader.fail("quants", "must list at least one quant")
+    quants = tuple(_quant(reader, item, i) for i, item in enumerate(raw_quants))
+    for i, quant in enumerate(quants):
+        _check_size(reader, arch, quant, i)
+    branches = [q.branch for q in quants]
+    if len(set(branches)) != len(branches):
+        raise reader.fail("quants", "has a duplicate branch")
+    serving_data = reader.mapping(data.get("serving"), "serving")
+    serving = Serving(
+        chunk_size=reader.positive_int(serving_data, "chunk_size", "serving."),
+        reasoning=reader.get(serving_data, "reasoning", bool, "serving."),
+        reasoning_start_token=reader.get(serving_data, "reasoning_start_token", str, "serving."),
+        reasoning_end_token=reader.get(serving_data, "reasoning_end_token", str, "serving."),
+        tool_format=reader.get(serving_data, "tool_format", str, "serving."),
+        default_min_context=reader.positive_int(serving_data, "default_min_context", "serving."),
+        cache_floor=reader.get(serving_data, "cache_floor", str, "serving."),
+    )
+    if not CACHE_FLOOR_PATTERN.match(serving.cache_floor):
+        raise reader.fail(
+            "serving.cache_floor", f'must be K,V bits such as "5,4", got {serving.cache_floor!r}'
+        )
+    hf_repo = reader.get(data, "hf_repo", str, "")
+    if not REPO_PATTERN.match(hf_repo):
+        raise reader.fail("hf_repo", f"is not an owner/name repository id: {hf_repo!r}")
+    name = reader.get(data, "name", str, "")
+    if not BRANCH_PATTERN.match(name):
+        raise reader.fail("name", f"is not a safe name: {name!r}")
+    reference = reader.mapping(data.get("reference"), "reference")
+    return ModelProfile(
+        name=name,
+        display_name=reader.get(data, "display_name", str, ""),
+        hf_repo=hf_repo,
+        architecture=arch,
+        quants=quants,
+        serving=serving,
+        reference_ppl=reader.number(reference, "ppl", "reference.", 1.0, 1e6),
+        source=source,
+        memory_overhead=_memory_overhead(
+            reader, reader.mapping(data.get("memory_overhead"), "memory_overhead")
+        ),
+    )
+
+
+def load_profile(name_or_path: str = "glm-4.7") -> ModelProfile:
+    """Load a profile by name (profiles/NAME.yaml) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and "/" not in name_or_path:
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if p.stem != "gpus"))
+        raise BadInput(f"no profile {name_or_path!r}", f"use one of: {known}, or a path to a profile YAML")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BadInput(f"profile {path}:{where} is not valid YAML", "fix the profile file") from None
+    return parse_profile(data, path)
