@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subp
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the built wheel, a venv with only that wheel installed as glm-deploy; dependencies from the system)."""
+    """(the built wheel, a venv with only that wheel installed as glm-deploy; dependencies from the running
+    interpreter)."""
     work = tmp_path_factory.mktemp("wheel")
     run(
         sys.executable,
@@ -47,7 +49,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
     (wheel,) = (work / "dist").glob("glm_deploy-*.whl")
     venv = work / "venv"
-    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=work)
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=work)
+    without_checkout = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     run(
         sys.executable,
         "-m",
@@ -60,7 +63,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "--no-index",
         wheel,
         cwd=work,
+        env=without_checkout,  # the checkout's egg-info on PYTHONPATH would read as "already installed"
     )
+    # Then the dependencies, from the interpreter running the tests (itself often a venv, e.g. .venv): its
+    # site-packages as plain path entries, so that its .pth hooks (an editable install of a checkout) do not run.
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    running = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "test-dependencies.pth").write_text("".join(f"{path}\n" for path in running))
     return wheel, venv
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.fake_hf_hub import FakeHub, FakeRepo
-from toolkit.deploy.hub import MARKER_NAME
 from toolkit.detect.gpu_spec import parse_gpu_spec
+from toolkit.facts.layout import MODEL_MARKER
 from toolkit.facts.profiles import load_profile
 from toolkit.plan.plan import PlanRequest
 from toolkit.plan.planner import make_plan
@@ -85,7 +85,7 @@ def test_with_hf_xet_a_xet_file_is_asked_of_xet_storage_with_a_xet_token(site: d
         and "HF_HUB_DISABLE_XET=1" in line
     )
     assert "Traceback" not in result.stderr and SECRET not in result.stdout + result.stderr
-    assert not (site["models"] / QUANT / MARKER_NAME).exists()
+    assert not (site["models"] / QUANT / MODEL_MARKER).exists()
 
 
 def test_with_xet_disabled_the_xet_file_comes_over_http_from_storage_and_resumes_there(
@@ -105,7 +105,7 @@ def test_with_xet_disabled_the_xet_file_comes_over_http_from_storage_and_resumes
     )
     data = (site["models"] / QUANT / SHARD).read_bytes()
     assert hashlib.sha256(data).digest() == hashlib.sha256((site["source"] / SHARD).read_bytes()).digest()
-    assert (site["models"] / QUANT / MARKER_NAME).is_file()
+    assert (site["models"] / QUANT / MODEL_MARKER).is_file()
 
 
 def test_with_xet_disabled_damaged_bytes_still_fail_the_sha256_check(site: dict[str, Path]) -> None:
@@ -114,4 +114,4 @@ def test_with_xet_disabled_damaged_bytes_still_fail_the_sha256_check(site: dict[
         result = _fetch(site, hub, HF_HUB_DISABLE_XET="1")
     assert result.returncode == 4 and "Traceback" not in result.stderr
     assert "do not match the hub's hashes" in result.stderr.strip().splitlines()[-1]
-    assert not (site["models"] / QUANT / MARKER_NAME).exists()
+    assert not (site["models"] / QUANT / MODEL_MARKER).exists()
