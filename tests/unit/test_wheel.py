@@ -77,7 +77,7 @@ def test_wheel_holds_every_module_and_data_file(installed: tuple[Path, Path]) ->
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
     tracked = subprocess.run(
-        ["git", "ls-files", "toolkit", "profiles", "dockerfiles"],
+        ["git", "ls-files", "toolkit", "profiles", "dockerfiles", "compose"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -24,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import yaml
@@ -38,18 +40,18 @@ from ..atomic import write_text
 from ..errors import BadInput
 from ..facts import layout
 from ..facts.layout import API_TOKENS
+from ..facts.paths import COMPOSE_DIR
 from ..facts.runtime import CONTAINER_API_TOKENS, CONTAINER_CONFIG, CONTAINER_MODELS_DIR, CONTAINER_PORT
 from ..render.bundle import IMAGE_USER_ID, RenderOptions, load_or_make_api_tokens, render_files
+from ..render.compose import SERVICE_BASE, compose_base, health_test, merge
 from .fleet_plan import CLASS_LABEL, FleetPlan, NodeClass
 
 GPU_KIND = "NVIDIA-GPU"
 GATEWAY_SERVICE = "gateway"
 GATEWAY_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
 SECRET_MODE = 0o600
-# /dev/shm as TabbyAPI's compose sizes it (Swarm has no shm_size; a tmpfs mount does the same).
-SHM_BYTES = 8 * 2**30
-NOFILE = 1048576
-STOP_GRACE_S = 300  # uvicorn finishes in-flight requests (long generations) on SIGTERM before it exits
+STACK_BASE = "stack.yaml"  # in compose/
+GATEWAY_CONFIG_BASE = "haproxy.cfg"  # in compose/
 CLASS_FILES = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.DOCKERIGNORE, layout.CONFIG, layout.PLAN)
 
 
@@ -59,9 +61,11 @@ class StackOptions:
 
     image: str | None = None  # one image for every class (default: fleet.yaml image, else per class)
     gateway_image: str | None = None  # default: fleet.yaml gateway_image
-    health_interval_s: int = 15
-    health_retries: int = 3
-    monitor_s: int = 60  # Swarm watches each updated task this long before the update succeeds
+    health_interval_s: int | None = None  # None: compose/stack.yaml's (15 s)
+    health_retries: int | None = None  # None: compose/stack.yaml's (3)
+    monitor_s: int | None = (
+        None  # Swarm watches each updated task this long (None: compose/stack.yaml's, 60 s)
+    )
     endpoint_mode: str | None = None  # default: fleet.yaml endpoint.mode (host | ingress)
     ulimits: bool = True  # False only where the engine may not raise limits (no CAP_SYS_RESOURCE)
     force: bool = False
@@ -82,52 +86,14 @@ def _class_files(
         run_as=(IMAGE_USER_ID, IMAGE_USER_ID),
     )
     files = render_files(node_class.plan, out_dir / "classes" / node_class.name, options, api_tokens)
-    return {"files": files, "manifest": json.loads(files["render.json"][0])}
+    return {"files": files, "manifest": json.loads(files[layout.MANIFEST][0])}
 
 
 def gateway_config(fleet_plan: FleetPlan) -> str:
-    """haproxy.cfg: one backend over every class's healthy tasks, found through Docker's embedded DNS."""
+    """haproxy.cfg: compose/haproxy.cfg (one backend, Docker's embedded DNS), then a server-template per class."""
     stack = fleet_plan.fleet.name
-    lines = [
-        "# Rendered by glm-deploy (`deploy cluster render`); do not edit: re-render.",
-        "global",
-        "    log stdout format raw local0 notice",
-        "    maxconn 4096",
-        "defaults",
-        "    mode http",
-        "    log global",
-        "    # replicas sit on the same overlay network: a connect that takes 2 s goes to a dead replica",
-        "    timeout connect 2s",
-        "    timeout http-request 60s",
-        "    # generations (and streamed ones) can take many minutes",
-        "    timeout client 3600s",
-        "    timeout server 3600s",
-        "    retries 3",
-        "    option redispatch 1",
-        "    retry-on conn-failure empty-response",
-        "resolvers docker",
-        "    nameserver dns 127.0.0.11:53",
-        "    resolve_retries 3",
-        "    timeout resolve 1s",
-        "    timeout retry 1s",
-        "    # Swarm drops a stopping task from DNS, waits 2 s for gossip, then stops it: re-resolve every second and",
-        "    # drop a vanished address at once, so no new request reaches a replica that is about to stop",
-        "    hold valid 1s",
-        "    hold obsolete 0s",
-        "    accepted_payload_size 8192",
-        "frontend api",
-        f"    bind :{CONTAINER_PORT}",
-        "    default_backend tabby",
-        "backend tabby",
-        "    balance leastconn",
-        "    option httpchk GET /health",
-        "    http-check expect status 200",
-        "    # a replica that refuses or drops a connection is out at once, not after two failed checks",
-        (
-            "    default-server check inter 2s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down "
-            "resolvers docker init-addr none resolve-prefer ipv4"
-        ),
-    ]
+    base = Template((COMPOSE_DIR / GATEWAY_CONFIG_BASE).read_text(encoding="utf-8"))
+    lines = [base.substitute(container_port=CONTAINER_PORT).rstrip("\n")]
     for index, node_class in enumerate(fleet_plan.classes):
         slots = max(4, 2 * node_class.replicas + 2)  # room for start-first updates
         lines.append(
@@ -145,80 +111,78 @@ def _tabby_service(
     models_dir: str,
     options: StackOptions,
 ) -> dict[str, Any]:
-    """One class's TabbyAPI service."""
-    service: dict[str, Any] = {
-        "image": validate.image_ref(image, "image"),
-        "init": True,
-        "configs": [
-            {
-                "source": config_key,
-                "target": CONTAINER_CONFIG,
-                "uid": str(IMAGE_USER_ID),
-                "gid": str(IMAGE_USER_ID),
-                "mode": 0o444,
+    """One class's TabbyAPI service: compose/stack.yaml's defaults with this class's decisions."""
+    single_host = compose_base(SERVICE_BASE)  # what a Swarm replica shares with a single-host deployment
+    healthcheck: dict[str, Any] = {
+        "test": health_test(),
+        "timeout": single_host["healthcheck"]["timeout"],
+        "start_period": f"{start_period_s}s",
+    }
+    if options.health_interval_s is not None:
+        healthcheck["interval"] = f"{options.health_interval_s}s"
+    if options.health_retries is not None:
+        healthcheck["retries"] = options.health_retries
+    deploy: dict[str, Any] = {
+        "replicas": node_class.replicas,
+        "placement": {"constraints": [f"node.labels.{CLASS_LABEL} == {node_class.name}"]},
+        "resources": {
+            "reservations": {
+                "generic_resources": [
+                    {"discrete_resource_spec": {"kind": GPU_KIND, "value": len(node_class.plan.per_gpu)}}
+                ]
             }
-        ],
-        "secrets": [
-            {
-                "source": "api_tokens",
-                "target": CONTAINER_API_TOKENS,
-                "uid": str(IMAGE_USER_ID),
-                "gid": str(IMAGE_USER_ID),
-                "mode": 0o400,
-            }
-        ],
-        "volumes": [
-            {
-                "type": "bind",
-                "source": f"{models_dir}/{folder}",
-                "target": f"{CONTAINER_MODELS_DIR}/{folder}",
-                "read_only": True,
-            },
-            {"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": SHM_BYTES}},
-        ],
-        "ulimits": {"memlock": -1, "nofile": {"soft": NOFILE, "hard": NOFILE}},
-        "ports": [{"target": CONTAINER_PORT, "protocol": "tcp", "mode": "host"}],
-        "healthcheck": {
-            "test": ["CMD", "curl", "-fsS", f"http://127.0.0.1:{CONTAINER_PORT}/health"],
-            "interval": f"{options.health_interval_s}s",
-            "timeout": "10s",
-            "retries": options.health_retries,
-            "start_period": f"{start_period_s}s",
         },
-        "stop_grace_period": f"{STOP_GRACE_S}s",
-        "logging": {"driver": "json-file", "options": {"max-size": "50m", "max-file": "5"}},
-        "deploy": {
-            "mode": "replicated",
-            "replicas": node_class.replicas,
-            "placement": {"constraints": [f"node.labels.{CLASS_LABEL} == {node_class.name}"]},
-            "resources": {
-                "reservations": {
-                    "generic_resources": [
-                        {"discrete_resource_spec": {"kind": GPU_KIND, "value": len(node_class.plan.per_gpu)}}
-                    ]
-                }
-            },
-            "update_config": {
-                "parallelism": 1,
-                "delay": "5s",
-                "order": "start-first",
-                "failure_action": "rollback",
-                "monitor": f"{options.monitor_s}s",
-                "max_failure_ratio": 0,
-            },
-            "rollback_config": {
-                "parallelism": 1,
-                "order": "start-first",
-                "failure_action": "pause",
-                "monitor": f"{options.monitor_s}s",
-            },
-            "restart_policy": {"condition": "any", "delay": "5s"},
-            "labels": {
-                "io.glm-deploy.class": node_class.name,
-                "io.glm-deploy.plan": node_class.plan.digest(),
-            },
+        "labels": {
+            "io.glm-deploy.class": node_class.name,
+            "io.glm-deploy.plan": node_class.plan.digest(),
         },
     }
+    if options.monitor_s is not None:
+        deploy["update_config"] = {"monitor": f"{options.monitor_s}s"}
+        deploy["rollback_config"] = {"monitor": f"{options.monitor_s}s"}
+    service = merge(
+        compose_base(STACK_BASE)["tabbyapi"],
+        {
+            "image": validate.image_ref(image, "image"),
+            "configs": [
+                {
+                    "source": config_key,
+                    "target": CONTAINER_CONFIG,
+                    "uid": str(IMAGE_USER_ID),
+                    "gid": str(IMAGE_USER_ID),
+                    "mode": 0o444,
+                }
+            ],
+            "secrets": [
+                {
+                    "source": "api_tokens",
+                    "target": CONTAINER_API_TOKENS,
+                    "uid": str(IMAGE_USER_ID),
+                    "gid": str(IMAGE_USER_ID),
+                    "mode": 0o400,
+                }
+            ],
+            "volumes": [
+                {
+                    "type": "bind",
+                    "source": f"{models_dir}/{folder}",
+                    "target": f"{CONTAINER_MODELS_DIR}/{folder}",
+                    "read_only": True,
+                },
+                # Swarm has no shm_size; a tmpfs on /dev/shm of the same size does the same
+                {
+                    "type": "tmpfs",
+                    "target": "/dev/shm",
+                    "tmpfs": {"size": size_bytes(single_host["shm_size"])},
+                },
+            ],
+            "ulimits": single_host["ulimits"],
+            "ports": [{"target": CONTAINER_PORT, "protocol": "tcp", "mode": "host"}],
+            "healthcheck": healthcheck,
+            "logging": single_host["logging"],
+            "deploy": deploy,
+        },
+    )
     if not options.ulimits:
         del service["ulimits"]
     return service
@@ -229,30 +193,31 @@ def _gateway_service(fleet_plan: FleetPlan, options: StackOptions, config_key: s
     ingress = (options.endpoint_mode or fleet_plan.fleet.endpoint_mode) == "ingress"
     image = options.gateway_image or fleet_plan.fleet.gateway_image
     # Host-mode ports cannot be bound twice on a node, so a host-mode gateway is replaced stop-first.
-    deploy: dict[str, Any] = {
-        "mode": "global",
-        "update_config": {
-            "parallelism": 1,
-            "delay": "5s",
-            "order": "start-first" if ingress else "stop-first",
-            "failure_action": "rollback",
+    return merge(
+        compose_base(STACK_BASE)["gateway"],
+        {
+            "image": validate.image_ref(image, "gateway image"),
+            "command": ["haproxy", "-W", "-db", "-f", GATEWAY_CONFIG_PATH],
+            "configs": [{"source": config_key, "target": GATEWAY_CONFIG_PATH, "mode": 0o444}],
+            "ports": [
+                {
+                    "target": CONTAINER_PORT,
+                    "published": fleet_plan.fleet.port,
+                    "protocol": "tcp",
+                    "mode": "ingress" if ingress else "host",
+                }
+            ],
+            "deploy": {"update_config": {"order": "start-first" if ingress else "stop-first"}},
         },
-        "restart_policy": {"condition": "any", "delay": "2s"},
-    }
-    return {
-        "image": validate.image_ref(image, "gateway image"),
-        "command": ["haproxy", "-W", "-db", "-f", GATEWAY_CONFIG_PATH],
-        "configs": [{"source": config_key, "target": GATEWAY_CONFIG_PATH, "mode": 0o444}],
-        "ports": [
-            {
-                "target": CONTAINER_PORT,
-                "published": fleet_plan.fleet.port,
-                "protocol": "tcp",
-                "mode": "ingress" if ingress else "host",
-            }
-        ],
-        "deploy": deploy,
-    }
+    )
+
+
+def size_bytes(text: str) -> int:
+    """A compose size ("8gb", "512m", "1024") in bytes, with Docker's binary units."""
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(text).strip().lower())
+    if not match:
+        raise BadInput(f"size {text!r} in a compose base file is not a Docker size", "e.g. 8gb")
+    return int(match[1]) * 1024 ** " kmg".index(match[2] or " ")
 
 
 def label_commands(fleet_plan: FleetPlan) -> list[str]:
@@ -279,7 +244,8 @@ def stack_files(
         (options.monitor_s, "update monitor"),
         (options.health_retries, "health retries"),
     ):
-        validate.positive_int(value, what, 3600)
+        if value is not None:
+            validate.positive_int(value, what, 3600)
     fleet = fleet_plan.fleet
     stack = fleet.name
     files: dict[str, tuple[str, int]] = {API_TOKENS: (api_tokens, SECRET_MODE)}

@@ -1,5 +1,5 @@
-"""Where the project's data lives: profiles/ and dockerfiles/ at the top of a source checkout (also an editable
-install), or toolkit/_data/ inside an installed wheel (pyproject.toml maps the same folders there)."""
+"""Where the project's data lives: profiles/, dockerfiles/ and compose/ at the top of a source checkout (also an
+editable install), or toolkit/_data/ inside an installed wheel (pyproject.toml maps the same folders there)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
-"""compose.yaml and .env for one TabbyAPI deployment, built as data and dumped as safe YAML, not templated."""
+"""compose.yaml and .env for one TabbyAPI deployment: compose/tabbyapi.yaml's defaults merged with the plan's
+decisions, dumped as safe YAML (never templated text)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import yaml
 
 from .. import validate
+from ..errors import BadInput
 from ..facts import layout
+from ..facts.paths import COMPOSE_DIR
 from ..facts.runtime import (
     CONTAINER_API_TOKENS,
     CONTAINER_CONFIG,
@@ -18,12 +22,7 @@ from ..facts.runtime import (
 )
 
 SERVICE = "tabbyapi"
-# TabbyAPI's own compose (docker/docker-compose.yml at the pin): 8 GiB of /dev/shm, unlimited locked memory,
-# many open files (safetensors shards, sockets).
-SHM_SIZE = "8gb"
-NOFILE = 1048576
-LOG_MAX_SIZE = "50m"
-LOG_MAX_FILE = "5"
+SERVICE_BASE = "tabbyapi.yaml"  # in compose/
 
 
 @dataclass(frozen=True)
@@ -42,48 +41,90 @@ class ComposeInputs:
     gid: int
 
 
+@lru_cache(maxsize=8)
+def _read_base(name: str) -> str:
+    return (COMPOSE_DIR / name).read_text(encoding="utf-8")
+
+
+def compose_base(name: str) -> dict[str, Any]:
+    """A base file of compose/ as data (a fresh copy each time: callers merge into it)."""
+    try:
+        data = yaml.safe_load(_read_base(name))
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadInput(
+            f"compose base file {COMPOSE_DIR / name} is unreadable ({type(exc).__name__})",
+            "restore it from the glm-deploy sources",
+        ) from None
+    if not isinstance(data, dict):
+        raise BadInput(f"compose base file {COMPOSE_DIR / name} is not a mapping", "restore it")
+    return data
+
+
+def merge(base: dict[str, Any], decided: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """base with decided merged in, in base's key order (new keys last); a null left in base is an error."""
+    merged: dict[str, Any] = {}
+    for key, value in base.items():
+        if key in decided:
+            chosen = decided[key]
+            both_maps = isinstance(value, dict) and isinstance(chosen, dict)
+            merged[key] = merge(value, chosen, f"{where}{key}.") if both_maps else chosen
+        elif value is None:
+            raise BadInput(
+                f"compose base key {where}{key} is left for the renderer, which did not decide it",
+                "a glm-deploy bug: report it",
+            )
+        elif isinstance(value, dict):
+            merged[key] = merge(value, {}, f"{where}{key}.")
+        else:
+            merged[key] = value
+    merged.update((key, value) for key, value in decided.items() if key not in base)
+    return merged
+
+
+def health_test() -> list[str]:
+    """The health check's command: TabbyAPI's /health inside the container."""
+    return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{CONTAINER_PORT}/health"]
+
+
 def compose_dict(inputs: ComposeInputs) -> dict[str, Any]:
     """The compose model; ${GLM_*} values come from .env, with safe defaults when .env is missing."""
-    service: dict[str, Any] = {
-        "image": validate.image_ref(inputs.image, "image"),
-        "build": {"context": ".", "dockerfile": layout.DOCKERFILE},
-        "init": True,
-        "restart": "unless-stopped",
-        "user": "${GLM_UID:-10001}:${GLM_GID:-10001}",
-        "ports": [
-            {
-                "target": CONTAINER_PORT,
-                "published": f"${{GLM_PORT:-{DEFAULT_HOST_PORT}}}",
-                "host_ip": "${GLM_BIND:-127.0.0.1}",
-                "protocol": "tcp",
-            }
-        ],
-        "volumes": [
-            {
-                "type": "bind",
-                "source": f"${{GLM_MODELS_DIR:?set GLM_MODELS_DIR in .env}}/{inputs.model_folder}",
-                "target": f"{CONTAINER_MODELS_DIR}/{inputs.model_folder}",
-                "read_only": True,
-            },
-            {"type": "bind", "source": f"./{layout.CONFIG}", "target": CONTAINER_CONFIG, "read_only": True},
-            {
-                "type": "bind",
-                "source": f"./{layout.API_TOKENS}",
-                "target": CONTAINER_API_TOKENS,
-                "read_only": True,
-            },
-        ],
-        "shm_size": SHM_SIZE,
-        "ulimits": {"memlock": -1, "nofile": {"soft": NOFILE, "hard": NOFILE}},
-        "healthcheck": {
-            "test": ["CMD", "curl", "-fsS", f"http://127.0.0.1:{CONTAINER_PORT}/health"],
-            "interval": "30s",
-            "timeout": "10s",
-            "retries": 3,
-            "start_period": f"{inputs.start_period_s}s",
+    service = merge(
+        compose_base(SERVICE_BASE),
+        {
+            "image": validate.image_ref(inputs.image, "image"),
+            "build": {"context": ".", "dockerfile": layout.DOCKERFILE},
+            "user": "${GLM_UID:-10001}:${GLM_GID:-10001}",
+            "ports": [
+                {
+                    "target": CONTAINER_PORT,
+                    "published": f"${{GLM_PORT:-{DEFAULT_HOST_PORT}}}",
+                    "host_ip": "${GLM_BIND:-127.0.0.1}",
+                    "protocol": "tcp",
+                }
+            ],
+            "volumes": [
+                {
+                    "type": "bind",
+                    "source": f"${{GLM_MODELS_DIR:?set GLM_MODELS_DIR in .env}}/{inputs.model_folder}",
+                    "target": f"{CONTAINER_MODELS_DIR}/{inputs.model_folder}",
+                    "read_only": True,
+                },
+                {
+                    "type": "bind",
+                    "source": f"./{layout.CONFIG}",
+                    "target": CONTAINER_CONFIG,
+                    "read_only": True,
+                },
+                {
+                    "type": "bind",
+                    "source": f"./{layout.API_TOKENS}",
+                    "target": CONTAINER_API_TOKENS,
+                    "read_only": True,
+                },
+            ],
+            "healthcheck": {"test": health_test(), "start_period": f"{inputs.start_period_s}s"},
         },
-        "logging": {"driver": "json-file", "options": {"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILE}},
-    }
+    )
     if inputs.gpu_reservation:
         service["deploy"] = {
             "resources": {
