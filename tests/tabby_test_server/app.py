@@ -11,6 +11,9 @@ Settings beyond TabbyAPI's own live in config.yml's `test_server:` section, each
   oom (GLM_TEST_SERVER_OOM=1): after the load delay print exllamav3's "Insufficient VRAM in split for model and
       cache" traceback on stderr and exit 1
   think (GLM_TEST_SERVER_THINK): the chat template makes the model reason in <think>..</think>, default true
+  first_token_delay_s, token_delay_s (GLM_TEST_SERVER_FIRST_TOKEN_DELAY_S, ..._TOKEN_DELAY_S): simulated GPU time,
+      token j of a generation is ready first_token_delay_s + j * token_delay_s after it starts; default 0
+  tokens_per_chunk (GLM_TEST_SERVER_TOKENS_PER_CHUNK): tokens per streamed event, default 1
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import yaml
 
 from .model import TinyModel, whole_bits
-from .server import OOM_MESSAGE, ModelSettings, ServerState, make_http_server
+from .server import OOM_MESSAGE, ModelSettings, Pacing, ServerState, make_http_server
 
 DEFAULT_MAX_SEQ_LEN = 8192
 # TabbyAPI accepts FP16, Q4/Q6/Q8 and "K,V" with 2-8 bits each (tabbyapi.md); "k5v4" is rejected.
@@ -52,6 +55,7 @@ class TestServerOptions:
     port_during_load: str
     oom: bool
     think: bool
+    pacing: Pacing
 
 
 def _env_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +95,13 @@ def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
     port_during_load = str(section.get("port_during_load", "closed"))
     if port_during_load not in ("closed", "open"):
         raise ConfigError(f"test_server.port_during_load must be closed or open, got {port_during_load!r}")
+    pacing = Pacing(
+        first_token_delay_s=float(section.get("first_token_delay_s", 0)),
+        token_delay_s=float(section.get("token_delay_s", 0)),
+        tokens_per_chunk=int(section.get("tokens_per_chunk", 1)),
+    )
+    if pacing.first_token_delay_s < 0 or pacing.token_delay_s < 0 or pacing.tokens_per_chunk < 1:
+        raise ConfigError("test_server delays must be >= 0 and tokens_per_chunk >= 1")
     return TestServerOptions(
         bits=bits,
         seed=int(section.get("seed", 0)),
@@ -98,6 +109,7 @@ def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
         port_during_load=port_during_load,
         oom=bool(section.get("oom", False)),
         think=bool(section.get("think", True)),
+        pacing=pacing,
     )
 
 
@@ -176,6 +188,7 @@ def prepare(config: dict[str, Any], workdir: Path) -> Prepared:
         admin_key=admin_key,
         disable_auth=disable_auth,
         think=options.think,
+        pacing=options.pacing,
     )
     return Prepared(
         state=state,

@@ -5,8 +5,16 @@ Shapes follow TabbyAPI main e632af4 (endpoints/OAI/types/*.py, endpoints/core/ro
 error and until restart, top-K logprobs keyed by decoded strings built with a dict comprehension (colliding
 pieces keep the last, i.e. smallest, entry), reasoning split into reasoning_content when model.reasoning is true.
 
+Streaming (`stream: true`) answers server-sent events framed as sse-starlette frames them (CRLF), with TabbyAPI's
+chunk shapes (endpoints/OAI/utils/completion.py, chat_completion.py): a completion chunk is
+{"id": "chatcmpl-..", "object": "text_completion", "choices": [{"index", "text", "finish_reason"}], "created",
+"model_name"}, a chat chunk {"object": "chat.completion.chunk", "choices": [{"index", "delta", "finish_reason"}],
+"model"}; with `stream_options.include_usage` the finish is held back and a last chunk carries it with `usage`;
+then `[DONE]`. A generation error inside a stream is an error event (HTTP 200) and no `[DONE]`, as in TabbyAPI.
+
 Test hooks (documented in README.md): a prompt or message containing ERROR_TRIGGER fails the generation and makes
-/health 503 for good; settings in config.yml's `test_server:` section or GLM_TEST_SERVER_* env vars.
+/health 503 for good; pacing (first_token_delay_s, token_delay_s, tokens_per_chunk) for speed-measurement tests;
+settings in config.yml's `test_server:` section or GLM_TEST_SERVER_* env vars.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,6 +63,16 @@ class ModelSettings:
     reasoning_end_token: str
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """Simulated GPU timing: token j of a generation is ready first_token_delay_s + j * token_delay_s after the
+    generation starts; a stream sends tokens_per_chunk tokens per event (TabbyAPI can put several in one)."""
+
+    first_token_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    tokens_per_chunk: int = 1
+
+
 @dataclass
 class ServerState:
     """What the handler threads share: settings, keys, the loaded model (None while loading) and health issues."""
@@ -62,8 +82,10 @@ class ServerState:
     admin_key: str
     disable_auth: bool
     think: bool
+    pacing: Pacing = Pacing()
     model: TinyModel | None = None
     issues: list[dict[str, str]] = field(default_factory=list)
+    served: Counter[str] = field(default_factory=Counter)  # requests per "METHOD /path", for tests that count
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_issue(self, description: str) -> None:
@@ -174,15 +196,8 @@ class Generation:
     finish_reason: str
 
 
-def _generate(
-    state: ServerState,
-    prompt_ids: list[int],
-    body: dict[str, Any],
-    top_k: int,
-    steering: Steering = Steering(),
-) -> Generation:
-    """Sample up to max_tokens tokens as steered (a completion is not steered; a chat is, chat_steering)."""
-    model = _loaded(state)
+def _max_tokens(state: ServerState, prompt_ids: list[int], body: dict[str, Any]) -> int:
+    """max_tokens validated like TabbyAPI (a 422 for a bad value, a 400 before any token when it overflows)."""
     settings = state.settings
     assert settings is not None
     max_tokens = body.get("max_tokens")
@@ -198,15 +213,32 @@ def _generate(
             f"Context length {len(prompt_ids) + max_tokens} is greater than max_seq_len "
             f"{settings.max_seq_len}. The request exceeds the available context size.",
         )
+    return max_tokens
+
+
+def _generate(
+    state: ServerState,
+    prompt_ids: list[int],
+    body: dict[str, Any],
+    top_k: int,
+    steering: Steering = Steering(),
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    """Sample up to max_tokens tokens as steered (a completion is not steered; a chat is, chat_steering), paced
+    by state.pacing; on_token sees each token when it is ready. ban_eos_token (alias ignore_eos) bans EOS."""
+    model = _loaded(state)
+    max_tokens = _max_tokens(state, prompt_ids, body)
+    ban_eos = bool(body.get("ban_eos_token", body.get("ignore_eos", False)))
     rng = np.random.default_rng(len(prompt_ids))
     ids: list[int] = []
     records: list[dict[str, Any]] = []
     finish_reason = "length"
+    started = time.monotonic()
     for step in range(max_tokens):
         logprobs = model.logprobs(prompt_ids + ids)
         token = steering.forced.get(step)
         if token is None:
-            blocked = list(steering.banned) + ([EOS_ID] if step < steering.stop_from else [])
+            blocked = list(steering.banned) + ([EOS_ID] if ban_eos or step < steering.stop_from else [])
             allowed = logprobs.copy()
             allowed[blocked] = -np.inf
             token = _sample(allowed, body, rng)
@@ -226,6 +258,10 @@ def _generate(
                 for i, piece, lp in _top_entries(model, logprobs, top_k)
             ]
         records.append(record)
+        ready = started + state.pacing.first_token_delay_s + step * state.pacing.token_delay_s
+        time.sleep(max(0.0, ready - time.monotonic()))
+        if on_token is not None:
+            on_token(token)
     return Generation(ids=ids, records=records, finish_reason=finish_reason)
 
 
@@ -244,8 +280,160 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/completions: string or list of strings; logprobs K -> top-K dicts keyed by decoded strings."""
+class EventSink:
+    """The SSE side of one response: 200 and text/event-stream headers before the first event, then one
+    `data: ...` frame per event, CRLF-separated as sse-starlette writes them (TabbyAPI's EventSourceResponse)."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler) -> None:
+        self.handler = handler
+        self.started = False
+
+    def send(self, data: dict[str, Any] | str) -> None:
+        """One event; a dict is serialized like TabbyAPI's json.dumps(..., ensure_ascii=False)."""
+        if not self.started:
+            self.handler.send_response(200)
+            self.handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.handler.send_header("Cache-Control", "no-store")
+            self.handler.end_headers()
+            self.started = True
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        self.handler.wfile.write(f"data: {text}\r\n\r\n".encode())
+        self.handler.wfile.flush()
+
+
+@dataclass
+class StreamedChoice:
+    """One choice being streamed: tokens waiting for their chunk, and which delta field they go to."""
+
+    index: int
+    delta_field: str
+    pending: list[int] = field(default_factory=list)
+
+
+def _stream_usage(
+    prompt_tokens: int, completion_tokens: int, prompt_time: float, total_time: float
+) -> dict[str, Any]:
+    """TabbyAPI's UsageStats (endpoints/OAI/types/common.py), as sent in the last chunk of a stream."""
+    completion_time = max(total_time - prompt_time, 0.0)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "prompt_time": prompt_time,
+        "prompt_tokens_per_sec": prompt_tokens / prompt_time if prompt_time > 0 else "Inf",
+        "completion_tokens": completion_tokens,
+        "completion_time": completion_time,
+        "completion_tokens_per_sec": completion_tokens / completion_time if completion_time > 0 else "Inf",
+        "total_tokens": prompt_tokens + completion_tokens,
+        "total_time": total_time,
+    }
+
+
+class Streamer:
+    """Turns generated tokens into TabbyAPI's stream chunks (completion or chat shape) on an EventSink."""
+
+    def __init__(self, state: ServerState, sink: EventSink, chat: bool, body: dict[str, Any]) -> None:
+        self.state = state
+        self.sink = sink
+        self.chat = chat
+        self.request_id = uuid.uuid4().hex
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def _chunk(self, choice: dict[str, Any], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        settings = self.state.settings
+        assert settings is not None
+        data: dict[str, Any] = {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": int(time.time()),
+            "choices": [choice],
+        }
+        if usage is not None:
+            data["usage"] = usage
+        data["model" if self.chat else "model_name"] = settings.name
+        return data
+
+    def _text_choice(
+        self, index: int, text: str, field_name: str, finish_reason: str | None
+    ) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "index": index,
+                "delta": {field_name: text} if text else {},
+                "finish_reason": finish_reason,
+            }
+        return {"index": index, "text": text, "finish_reason": finish_reason}
+
+    def flush(self, choice: StreamedChoice) -> None:
+        """Send the pending tokens as one chunk."""
+        if choice.pending:
+            model = _loaded(self.state)
+            text = model.tokenizer.decode(choice.pending)
+            choice.pending.clear()
+            self.sink.send(self._chunk(self._text_choice(choice.index, text, choice.delta_field, None)))
+
+    def on_token(self, choice: StreamedChoice, split_reasoning: bool) -> Callable[[int], None]:
+        """The per-token callback: chunks of pacing.tokens_per_chunk tokens; reasoning markers switch the field."""
+
+        def take(token: int) -> None:
+            if split_reasoning and token in (THINK_ID, THINK_END_ID):
+                self.flush(choice)
+                choice.delta_field = "reasoning_content" if token == THINK_ID else "content"
+                return
+            choice.pending.append(token)
+            if len(choice.pending) >= self.state.pacing.tokens_per_chunk:
+                self.flush(choice)
+
+        return take
+
+    def send_finish(self, index: int, finish_reason: str, usage: dict[str, Any] | None = None) -> None:
+        """A choice's finish chunk (empty text), carrying usage when given."""
+        self.sink.send(self._chunk(self._text_choice(index, "", "content", finish_reason), usage))
+
+    def finish(self, index: int, finish_reason: str, usage: dict[str, Any]) -> None:
+        """The last finish chunk (with usage when include_usage asked for it), then [DONE]."""
+        self.send_finish(index, finish_reason, usage if self.include_usage else None)
+        self.sink.send("[DONE]")
+
+    def error(self, message: str) -> None:
+        """A generation error inside the stream: TabbyAPI's TabbyRequestError event, no [DONE]."""
+        self.sink.send({"error": {"message": message, "trace": None}})
+
+
+def _stream_completions(
+    state: ServerState, body: dict[str, Any], prompts: list[str], sink: EventSink
+) -> None:
+    """A streamed completion: every prompt is checked against max_seq_len before the 200 is sent."""
+    model = _loaded(state)
+    encoded = [model.tokenizer.encode(prompt) for prompt in prompts]
+    for prompt_ids in encoded:
+        _max_tokens(state, prompt_ids, body)
+    streamer = Streamer(state, sink, chat=False, body=body)
+    started = time.monotonic()
+    completion_tokens, finish_reason = 0, "length"
+    for index, (prompt, prompt_ids) in enumerate(zip(prompts, encoded)):
+        try:
+            _fail_if_triggered(state, prompt, "Completion")
+        except ApiError as error:
+            streamer.error(str(error.detail))
+            return
+        choice = StreamedChoice(index=index, delta_field="content")
+        generation = _generate(state, prompt_ids, body, 0, on_token=streamer.on_token(choice, False))
+        streamer.flush(choice)
+        completion_tokens += len(generation.ids)
+        finish_reason = generation.finish_reason
+        if index < len(prompts) - 1:
+            streamer.send_finish(index, finish_reason)
+    prompt_time = min(state.pacing.first_token_delay_s, time.monotonic() - started)
+    usage = _stream_usage(
+        sum(len(ids) for ids in encoded), completion_tokens, prompt_time, time.monotonic() - started
+    )
+    streamer.finish(len(prompts) - 1, finish_reason, usage)
+
+
+def completions(
+    state: ServerState, body: dict[str, Any], sink: EventSink | None = None
+) -> dict[str, Any] | None:
+    """POST /v1/completions: string or list of strings; logprobs K -> top-K dicts keyed by decoded strings;
+    `stream: true` answers on the sink and returns None."""
     model = _loaded(state)
     prompts = body.get("prompt")
     if isinstance(prompts, str):
@@ -255,6 +443,9 @@ def completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
     top_k = body.get("logprobs") or 0
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise _validation_error("logprobs", "must be a non-negative integer")
+    if body.get("stream") and sink is not None:
+        _stream_completions(state, body, prompts, sink)
+        return None
     choices = []
     prompt_tokens = completion_tokens = 0
     for index, prompt in enumerate(prompts):
@@ -311,19 +502,52 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def chat_completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /v1/chat/completions; a thinking model emits <think>..</think> first (split when reasoning is on)."""
+def _stream_chat(
+    state: ServerState, body: dict[str, Any], prompt: str, steering: Steering, sink: EventSink
+) -> None:
+    """A streamed chat answer; reasoning goes to delta.reasoning_content when model.reasoning is on."""
+    model = _loaded(state)
+    settings = state.settings
+    assert settings is not None
+    prompt_ids = model.tokenizer.encode(prompt)
+    _max_tokens(state, prompt_ids, body)
+    streamer = Streamer(state, sink, chat=True, body=body)
+    started = time.monotonic()
+    try:
+        _fail_if_triggered(state, prompt, "Chat completion")
+    except ApiError as error:
+        streamer.error(str(error.detail))
+        return
+    choice = StreamedChoice(index=0, delta_field="content")
+    generation = _generate(
+        state, prompt_ids, body, 0, steering, streamer.on_token(choice, settings.reasoning)
+    )
+    streamer.flush(choice)
+    total_time = time.monotonic() - started
+    usage = _stream_usage(
+        len(prompt_ids), len(generation.ids), min(state.pacing.first_token_delay_s, total_time), total_time
+    )
+    streamer.finish(0, generation.finish_reason, usage)
+
+
+def chat_completions(
+    state: ServerState, body: dict[str, Any], sink: EventSink | None = None
+) -> dict[str, Any] | None:
+    """POST /v1/chat/completions; a thinking model emits <think>..</think> first (split when reasoning is on);
+    `stream: true` answers on the sink and returns None."""
     model = _loaded(state)
     settings = state.settings
     assert settings is not None
     messages = _messages(body)
     prompt = chat_prompt(messages)
+    max_tokens = body.get("max_tokens")
+    valid = isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+    room = max_tokens if valid else 0  # an invalid max_tokens is _generate's 422
+    if body.get("stream") and sink is not None:
+        _stream_chat(state, body, prompt, chat_steering(state.think, room), sink)
+        return None
     _fail_if_triggered(state, prompt, "Chat completion")
     prompt_ids = model.tokenizer.encode(prompt)
-    max_tokens = body.get("max_tokens")
-    room = (
-        max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0
-    )  # _generate: 422
     top_k = body.get("top_logprobs") or 0 if body.get("logprobs") else 0
     generation = _generate(state, prompt_ids, body, top_k, chat_steering(state.think, room))
     text = model.tokenizer.decode(generation.ids)
@@ -361,7 +585,7 @@ def chat_completions(state: ServerState, body: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def token_encode(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+def token_encode(state: ServerState, body: dict[str, Any], sink: EventSink | None = None) -> dict[str, Any]:
     """POST /v1/token/encode: a string, or chat messages through the template (no generation prompt)."""
     model = _loaded(state)
     text = body.get("text")
@@ -433,6 +657,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        with self.state.lock:
+            self.state.served[f"{method} {path}"] += 1
         try:
             if method == "GET" and path == "/health":
                 self._send(*health(self.state))
@@ -452,9 +678,14 @@ class Handler(BaseHTTPRequestHandler):
                 raise _validation_error("body", "JSON decode error") from None
             if not isinstance(body, dict):
                 raise _validation_error("body", "Input should be a valid dictionary")
-            self._send(200, route(self.state, body))
+            sink = EventSink(self)
+            answer = route(self.state, body, sink)
+            if answer is not None:
+                self._send(200, answer)
         except ApiError as error:
             self._send(error.status, {"detail": error.detail})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away mid-stream (a benchmark's timeout): nothing left to answer
 
     def do_GET(self) -> None:
         self._dispatch("GET")

@@ -14,8 +14,9 @@ import pytest
 
 from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.facts.profiles import load_profile
+from toolkit.plan.bandwidth import bounds_dict, candidate_bounds
 from toolkit.plan.plan import PlanRequest
-from toolkit.plan.planner import make_plan
+from toolkit.plan.planner import make_plan, plan_with_details
 from toolkit.render.bundle import RenderOptions, render_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,9 +103,14 @@ def test_installed_wheel_plans_and_renders_outside_the_checkout(
     )
     assert Path(where.stdout.strip()).is_relative_to(venv), "the venv imported the checkout, not the wheel"
 
-    plan = run(venv / "bin" / "deploy", "plan", "--gpus", "8x24GiB", "--json", cwd=tmp_path, env=env)
-    expected = make_plan(load_profile("glm-4.7"), parse_gpu_spec("8x24GiB"), PlanRequest())
-    assert json.loads(plan.stdout) == json.loads(json.dumps(expected.to_dict()))
+    plan = run(venv / "bin" / "deploy", "plan", "--gpus", "8xRTX4090", "--json", cwd=tmp_path, env=env)
+    profile, inventory = load_profile("glm-4.7"), parse_gpu_spec("8xRTX4090")
+    expected, details = plan_with_details(profile, inventory, PlanRequest())
+    bounds = bounds_dict(
+        candidate_bounds(profile, inventory, details.candidates)
+    )  # bandwidths from the wheel
+    shown = {**expected.to_dict(), "decode_bound": bounds, "chunk_trade": None}
+    assert json.loads(plan.stdout) == json.loads(json.dumps(shown))
 
     run(venv / "bin" / "deploy", "render", "--gpus", "2xH200", "--out", "tmp", cwd=tmp_path, env=env)
     here = render_bundle(

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ToolkitError
-from . import auto, cluster, detect, lifecycle, node_config, plan, reference, render, verify
+from . import auto, bench, cluster, detect, lifecycle, node_config, plan, reference, render, verify
 
 # One module per command (or group); each has register(subparsers). Help lists them in this order.
-COMMANDS = (auto, cluster, detect, lifecycle, node_config, plan, reference, render, verify)
+COMMANDS = (auto, bench, cluster, detect, lifecycle, node_config, plan, reference, render, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

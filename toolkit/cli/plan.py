@@ -9,7 +9,8 @@ import argparse
 from typing import Any
 
 from ..facts.profiles import load_profile
-from ..plan.planner import make_plan
+from ..plan.bandwidth import bounds_dict, candidate_bounds
+from ..plan.planner import plan_with_details
 from .options import add_plan_options, inventory_from_args, request_from_args
 from .views import print_plan
 
@@ -20,11 +21,17 @@ def register(subparsers: Any) -> None:
         "plan",
         help="choose quant, context, cache mode and split for the GPUs",
         description="Pick the lowest-KL quant that fits with at least the required context, then the largest "
-        "context; print every candidate and why it lost. Exit 0 plan found, 2 bad input, "
+        "context; print every candidate and why it lost, and an upper bound on its batch-1 decode speed "
+        "(memory bandwidth / bytes read per token). Exit 0 plan found, 2 bad input, "
         "3 nothing fits, 4 no GPUs detected (give --gpus).",
     )
     add_plan_options(parser)
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON (the hand-off contract)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as JSON (the hand-off contract, plus decode_bound and chunk_trade, which render "
+        "ignores)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -33,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     request = request_from_args(args)
     inventory = inventory_from_args(args)
-    plan = make_plan(profile, inventory, request)
+    plan, details = plan_with_details(profile, inventory, request)
+    bounds = candidate_bounds(profile, inventory, details.candidates)
     if args.json:
         from ..output import emit_json
 
-        emit_json(plan.to_dict())
+        chunk_trade = details.chunk_trade.to_dict() if details.chunk_trade else None
+        emit_json({**plan.to_dict(), "decode_bound": bounds_dict(bounds), "chunk_trade": chunk_trade})
     else:
-        print_plan(plan, profile, inventory, request)
+        print_plan(plan, profile, inventory, request, bounds, details.chunk_trade)
     return 0

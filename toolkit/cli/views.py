@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..detect.inventory import GpuInventory
 from ..facts.profiles import ModelProfile
-from ..plan.plan import Plan, PlanRequest
+from ..plan.plan import ChunkTrade, Plan, PlanRequest
+
+if TYPE_CHECKING:
+    from ..plan.bandwidth import DecodeBound
 
 
 def _describe_gpus(inventory: GpuInventory) -> str:
@@ -24,8 +29,40 @@ def _describe_gpus(inventory: GpuInventory) -> str:
     return f"{', '.join(parts)} ({source})"
 
 
-def print_plan(plan: Plan, profile: ModelProfile, inventory: GpuInventory, request: PlanRequest) -> None:
-    """The candidate table (winner marked, each loser with its deciding number) and the winner's GPUs."""
+def describe_chunk_trade(trade: ChunkTrade, plan: Plan) -> str:
+    """What the smaller chunk_size bought and what it costs in prefill, in one line."""
+    reach = (
+        f"{trade.default_chunk_size} reaches {trade.default_max_context} tokens"
+        if trade.default_max_context
+        else f"{trade.default_chunk_size} does not fit"
+    )
+    ratios = trade.prefill_vs_default
+    if not ratios:
+        cost = "prefill cost not measured"
+    else:
+        measured = "-".join(f"{r:.2f}" for r in sorted({min(ratios), max(ratios)}))
+        runs = f"{len(ratios)} run{'s' if len(ratios) > 1 else ''}"
+        cost = (
+            f"prefill measured at {measured}x chunk {trade.default_chunk_size}'s speed ({runs}, one H200; "
+            "differences under ~30 % unresolved: benchmarks/serving_speed)"
+        )
+    return (
+        f"chunk_size {trade.chunk_size} instead of {trade.default_chunk_size}: with {plan.quant} at cache "
+        f"{plan.cache_mode}, {reach}, short of the required {trade.required_context}; {trade.chunk_size} reaches "
+        f"{trade.max_context} (+{trade.max_context - trade.default_max_context} tokens); {cost}"
+    )
+
+
+def print_plan(
+    plan: Plan,
+    profile: ModelProfile,
+    inventory: GpuInventory,
+    request: PlanRequest,
+    bounds: tuple[DecodeBound, ...] = (),
+    chunk_trade: ChunkTrade | None = None,
+) -> None:
+    """The candidate table (winner marked, each loser with its deciding number, and the decode bound of those that
+    fit when given) and the winner's GPUs."""
     from rich.table import Table
 
     from ..output import console
@@ -48,9 +85,11 @@ def print_plan(plan: Plan, profile: ModelProfile, inventory: GpuInventory, reque
         ("weights GiB", "right"),
         ("KL", "right"),
         ("top-1", "right"),
+        *((("decode bound tok/s", "right"),) if bounds else ()),
         ("result", "left"),
     ):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    bound_of = {bound.quant: bound for bound in bounds}
     from ..plan.memory import weights_bytes
 
     for quant in sorted(profile.quants, key=lambda q: q.kl_ref_quant):
@@ -66,6 +105,7 @@ def print_plan(plan: Plan, profile: ModelProfile, inventory: GpuInventory, reque
             f"{weights_bytes(profile.architecture, quants[quant.branch]) / 2**30:.1f}",
             f"{quant.kl_ref_quant:.4f}",
             f"{quant.top1:.3f}",
+            *((_bound_cell(bound_of.get(quant.branch)),) if bounds else ()),
             result,
         )
     out.print(table)
@@ -92,7 +132,40 @@ def print_plan(plan: Plan, profile: ModelProfile, inventory: GpuInventory, reque
         f"TabbyAPI: max_seq_len {plan.context}, cache_size {plan.cache_size}, cache_mode {plan.cache_mode}, "
         f"chunk_size {plan.chunk_size}, {split}; headroom {plan.headroom_mib} MiB per GPU"
     )
+    if chunk_trade is not None:
+        out.print(describe_chunk_trade(chunk_trade, plan), markup=False)
+    elif plan.chunk_size != profile.serving.chunk_size:
+        out.print(
+            f"chunk_size {plan.chunk_size}: the required context does not fit at {profile.serving.chunk_size}"
+        )
+    if bounds:
+        out.print(_bound_note(bounds, plan), markup=False)
     if not profile.memory_overhead.calibrated:
         out.print(
             "note: per-GPU overhead terms are not calibrated yet (profile memory_overhead.calibrated: false)"
         )
+
+
+def _bound_cell(bound: DecodeBound | None) -> str:
+    if bound is None:
+        return "-"
+    return (
+        f"<= {bound.tokens_per_s:.0f} {bound.split}" if bound.tokens_per_s is not None else f"? {bound.split}"
+    )
+
+
+def _bound_note(bounds: tuple[DecodeBound, ...], plan: Plan) -> str:
+    """What the decode column is, where each number was taken, and why a cell is empty."""
+    from ..plan.bandwidth import ASSUMPTIONS
+
+    unknown = next((b.unknown for b in bounds if b.unknown), None)
+    others = (
+        f", the others at cache {bounds[1].cache_mode} and {bounds[1].context} tokens"
+        if len(bounds) > 1
+        else ""
+    )
+    missing = f"; ? = {unknown}" if unknown else ""
+    return (
+        f"decode bound: {ASSUMPTIONS}.\n"
+        f"  the plan at its {plan.context} tokens{others}; - = does not fit{missing}"
+    )

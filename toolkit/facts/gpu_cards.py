@@ -1,4 +1,5 @@
-"""The GPU card table (profiles/gpus.yaml): memory of common cards as NVML reports it, looked up by name."""
+"""The GPU card table (profiles/gpus.yaml): memory of common cards as NVML reports it, and their memory bandwidth,
+looked up by name."""
 
 from __future__ import annotations
 
@@ -53,3 +54,58 @@ def load_gpu_table(path: Path = GPU_TABLE) -> dict[str, tuple[str, int]]:
     except yaml.YAMLError:
         raise BadInput(f"GPU table {path} is not valid YAML", "fix the GPU table file") from None
     return parse_gpu_table(data, path)
+
+
+def parse_bandwidth_table(data: Any, source: Path) -> dict[str, float]:
+    """The bandwidth_gb_s mapping of the GPU table: {normalized card name: GB/s}."""
+    raw = data.get("bandwidth_gb_s") if isinstance(data, dict) else None
+    if not isinstance(raw, dict) or not raw:
+        raise BadInput(
+            f"GPU table {source}: field 'bandwidth_gb_s' must map card names to GB/s",
+            "fix the GPU table file",
+        )
+    table: dict[str, float] = {}
+    for name, gb_s in raw.items():
+        if (
+            not isinstance(name, str)
+            or isinstance(gb_s, bool)
+            or not isinstance(gb_s, (int, float))
+            or gb_s <= 0
+        ):
+            raise BadInput(
+                f"GPU table {source}: field 'bandwidth_gb_s.{name}' must be a positive number of GB/s, got "
+                f"{gb_s!r}",
+                "fix the GPU table file",
+            )
+        table[normalize_card_name(name)] = float(gb_s)
+    return table
+
+
+@lru_cache(maxsize=4)
+def load_bandwidth_table(path: Path = GPU_TABLE) -> dict[str, float]:
+    """Read the bandwidth mapping of profiles/gpus.yaml once per process."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        raise BadInput(f"GPU table {path} cannot be read", "restore profiles/gpus.yaml") from None
+    return parse_bandwidth_table(data, path)
+
+
+MEMORY_MATCH = 0.02  # a detected GPU's total memory must be within 2 % of the card's to borrow its bandwidth
+
+
+def card_bandwidth_gb_s(name: str, total_mib: int, path: Path = GPU_TABLE) -> float | None:
+    """The memory bandwidth of a GPU from its name: a card name exactly (a --gpus card), else the longest card
+    name inside an NVML name ("NVIDIA GeForce RTX 4090" -> RTX4090) whose table memory, where the table has it,
+    matches the GPU's (an A100 40GB is not the A100 80GB). None when unknown (a --gpus size such as 24GiB)."""
+    bandwidths = load_bandwidth_table(path)
+    memories = load_gpu_table(path)
+    wanted = normalize_card_name(name)
+    if wanted in bandwidths:
+        return bandwidths[wanted]
+    matches = sorted((key for key in bandwidths if key in wanted), key=len, reverse=True)
+    for key in matches[:1]:
+        card = memories.get(key)
+        if card is None or abs(card[1] - total_mib) <= MEMORY_MATCH * card[1]:
+            return bandwidths[key]
+    return None

@@ -14,6 +14,7 @@ from .paths import PROFILES_DIR
 
 # A quant branch doubles as a git revision, a folder name and a Docker label value: keep it boring.
 BRANCH_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NOT_MODELS = ("gpus", "tabbyapi", "bench_ceiling")  # the other data files of profiles/
 CACHE_FLOOR_PATTERN = re.compile(r"^[2-8],[2-8]$")  # a quantized K,V cache mode in TabbyAPI's spelling
 REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -71,6 +72,17 @@ class Serving:
     tool_format: str
     default_min_context: int
     cache_floor: str  # the lowest K,V cache mode the model card recommends ("5,4"): the planner's floor
+    chunk_fallbacks: tuple[ChunkFallback, ...] = ()  # smaller chunk sizes the planner may use, in order
+
+
+@dataclass(frozen=True)
+class ChunkFallback:
+    """A chunk_size below the default that the planner may use when the required context does not fit, where the
+    memory model is calibrated for it, and its measured prefill speed relative to the default chunk_size."""
+
+    chunk_size: int
+    calibrated_splits: tuple[str, ...]  # "single", "tp", "layer": where the overhead terms were checked at it
+    prefill_vs_default: tuple[float, ...]  # measured ratios (one per run); () when not measured
 
 
 @dataclass(frozen=True)
@@ -201,6 +213,36 @@ def _check_size(reader: _Reader, arch: Architecture, quant: Quant, index: int) -
         )
 
 
+SPLIT_NAMES = ("single", "tp", "layer")
+
+
+def _chunk_fallbacks(reader: _Reader, serving: dict[str, Any]) -> tuple[ChunkFallback, ...]:
+    """serving.chunk_fallbacks (optional): [{chunk_size, calibrated_splits, prefill_vs_default}], each smaller
+    than the one before, all below serving.chunk_size."""
+    raw = serving.get("chunk_fallbacks", [])
+    if not isinstance(raw, list):
+        raise reader.fail("serving.chunk_fallbacks", "must be a list")
+    fallbacks: list[ChunkFallback] = []
+    above = serving.get("chunk_size")
+    for index, item in enumerate(raw):
+        field = f"serving.chunk_fallbacks[{index}]."
+        item = reader.mapping(item, field.rstrip("."))
+        size = reader.positive_int(item, "chunk_size", field)
+        if not isinstance(above, int) or size >= above:
+            raise reader.fail(
+                f"{field}chunk_size", f"must be below {above} (the default or the previous one)"
+            )
+        splits = reader.get(item, "calibrated_splits", list, field)
+        if not splits or not all(split in SPLIT_NAMES for split in splits):
+            raise reader.fail(f"{field}calibrated_splits", f"must list some of {', '.join(SPLIT_NAMES)}")
+        ratios = reader.get(item, "prefill_vs_default", list, field)
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios):
+            raise reader.fail(f"{field}prefill_vs_default", "must be a list of positive ratios")
+        fallbacks.append(ChunkFallback(size, tuple(splits), tuple(float(r) for r in ratios)))
+        above = size
+    return tuple(fallbacks)
+
+
 def _memory_overhead(reader: _Reader, data: dict[str, Any]) -> MemoryOverhead:
     """Every field of MemoryOverhead is required: a new term is a new dataclass field plus a YAML key."""
     values: dict[str, Any] = {}
@@ -237,6 +279,7 @@ def parse_profile(data: Any, source: Path) -> ModelProfile:
         tool_format=reader.get(serving_data, "tool_format", str, "serving."),
         default_min_context=reader.positive_int(serving_data, "default_min_context", "serving."),
         cache_floor=reader.get(serving_data, "cache_floor", str, "serving."),
+        chunk_fallbacks=_chunk_fallbacks(reader, serving_data),
     )
     if not CACHE_FLOOR_PATTERN.match(serving.cache_floor):
         raise reader.fail(
@@ -270,7 +313,7 @@ def load_profile(name_or_path: str = "glm-4.7") -> ModelProfile:
     if path.suffix not in (".yaml", ".yml") and "/" not in name_or_path:
         path = PROFILES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if p.stem != "gpus"))
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if p.stem not in NOT_MODELS))
         raise BadInput(f"no profile {name_or_path!r}", f"use one of: {known}, or a path to a profile YAML")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

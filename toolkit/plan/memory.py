@@ -226,6 +226,7 @@ class GpuLoad:
     weights_mib: int
     cache_mib: int
     overhead_mib: int
+    modules: range = range(0)  # layer split: the modules it holds (blocks in order, then the lm_head)
 
     @property
     def free_after_mib(self) -> int:
@@ -352,19 +353,21 @@ def place_layers(
         last_budget = usable if gpu == 0 else layer_split_usable_mib(usable, profile, last=True)
         weights, cache = rest_weights[position], rest_cache[position]
         if _ceil_mib(weights) + _ceil_mib(cache) + last <= last_budget:
-            loads.append(GpuLoad(gpu, last_budget, _ceil_mib(weights), _ceil_mib(cache), last))
+            held = range(position, len(modules))
+            loads.append(GpuLoad(gpu, last_budget, _ceil_mib(weights), _ceil_mib(cache), last, held))
             need = sum(load.usable_mib - load.free_after_mib for load in loads)
             return Placement("layer", tuple(loads), 0, need, sum(usable_mib))
         final = gpu == len(usable_mib) - 1
         budget, overhead = (last_budget, last) if final else (layer_split_usable_mib(usable, profile), inner)
-        weights, cache = 0, 0
+        weights, cache, first = 0, 0, position
         while position < len(modules):
             module_weights, module_cache = modules[position]
             if _ceil_mib(weights + module_weights) + _ceil_mib(cache + module_cache) + overhead > budget:
                 break
             weights, cache, position = weights + module_weights, cache + module_cache, position + 1
         if weights or cache:
-            loads.append(GpuLoad(gpu, budget, _ceil_mib(weights), _ceil_mib(cache), overhead))
+            held = range(first, position)
+            loads.append(GpuLoad(gpu, budget, _ceil_mib(weights), _ceil_mib(cache), overhead, held))
     left = _ceil_mib(rest_weights[position] + rest_cache[position])
     need = sum(load.usable_mib - load.free_after_mib for load in loads) + (left + inner if left else 0)
     return Placement("layer", tuple(loads), left, need, sum(usable_mib))

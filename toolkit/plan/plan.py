@@ -110,6 +110,25 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class ChunkTrade:
+    """Why a plan's chunk_size is below the profile's: the required context did not fit at the default, and the
+    smaller prefill chunk's memory bought it (not part of the hand-off: plan.chunk_size is the decision)."""
+
+    default_chunk_size: int
+    chunk_size: int
+    required_context: int
+    default_max_context: (
+        int  # what the chosen quant and cache mode reach at the default chunk_size (0: nothing)
+    )
+    max_context: int  # what they reach at chunk_size
+    prefill_vs_default: tuple[float, ...]  # measured prefill speed at chunk_size over the default's, per run
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class PlanRequest:
     """What the user asked for; None means "let the planner choose" (only unset things are filled in)."""
 

@@ -22,18 +22,25 @@ The rules (pure; no NVML, no I/O):
   split are tried; the better result wins (the lower-KL quant, then the higher-quality cache mode, then the longer
   maximum context) and a tie goes to tensor parallel, where every GPU works on every token. A layer split that
   ends up on one GPU is reported as `single`.
+- Chunk size: quants and cache modes are tried at the profile's chunk_size (2048 for GLM-4.7) first. When the
+  required context does not fit a quant at a tier's cheapest mode, the smaller chunk sizes of the profile's
+  serving.chunk_fallbacks (1024, then 512) are tried for that quant before the next quant (or the tier below the
+  floor), but only for placements the memory model is calibrated for at that size (single GPU for GLM-4.7): the
+  prefill transient shrinks with the chunk (0.2353 MiB per token of chunk_size per GPU). Then the cache mode is
+  chosen at that chunk size. With a context that fits at the default nothing changes.
 - Every other quant is listed as a rejection with the number that decided it: the memory it lacks at the required
-  context, or the higher KL it would bring.
+  context (at the default chunk_size), or the higher KL it would bring.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..detect.inventory import GpuInventory
 from ..errors import BadInput, NoFit
-from ..facts.profiles import ModelProfile, Quant
+from ..facts.profiles import ChunkFallback, ModelProfile, Quant
 from ..facts.runtime import CACHE_PAGE_TOKENS
 from .memory import (
     FP16,
@@ -51,7 +58,7 @@ from .memory import (
     place_tensor_parallel,
     weights_bytes,
 )
-from .plan import Expected, GpuAllocation, Plan, PlanRequest, Rejection
+from .plan import ChunkTrade, Expected, GpuAllocation, Plan, PlanRequest, Rejection
 
 CACHE_LADDER: tuple[CacheMode, ...] = (FP16,) + tuple(
     CacheMode(k, v)
@@ -85,13 +92,27 @@ class Choice:
 
 
 class _Search:
-    """Placements of (quant, mode, split, cache tokens) on one set of GPUs, memoized."""
+    """Placements of (quant, mode, split, cache tokens) on one set of GPUs at one chunk_size, memoized.
 
-    def __init__(self, profile: ModelProfile, usable_mib: Sequence[int], splits: Sequence[str]) -> None:
+    A smaller chunk_size than the profile's (a fallback) counts only placements its memory model was checked for:
+    others are marked as not fitting.
+    """
+
+    def __init__(
+        self,
+        profile: ModelProfile,
+        usable_mib: Sequence[int],
+        splits: Sequence[str],
+        fallback: ChunkFallback | None = None,
+    ) -> None:
         self.profile = profile
-        self.usable_mib = list(usable_mib)
-        self.splits = tuple(splits)
-        self.chunk_size = profile.serving.chunk_size
+        self.fallback = fallback
+        self.calibrated = fallback.calibrated_splits if fallback else ("single", "tp", "layer")
+        # checked on one GPU only: a layer split there is the first GPU taking everything, so place on it alone
+        single_only = "layer" not in self.calibrated and "tp" not in self.calibrated
+        self.usable_mib = list(usable_mib)[:1] if single_only else list(usable_mib)
+        self.splits = tuple(s for s in splits if s != "tp" or "tp" in self.calibrated)
+        self.chunk_size = fallback.chunk_size if fallback else profile.serving.chunk_size
         self.cap_tokens = cache_size_tokens(profile.architecture.max_position_embeddings)
         self._placements: dict[tuple[str, CacheMode, str, int], Placement] = {}
 
@@ -105,6 +126,9 @@ class _Search:
                 )
             else:
                 placement = place_layers(self.profile, quant, mode, tokens, self.usable_mib, self.chunk_size)
+            effective = "single" if split == "layer" and len(placement.loads) == 1 else split
+            if placement.fits and effective not in self.calibrated:
+                placement = dataclasses.replace(placement, short_by_mib=1)  # not checked at this chunk size
             self._placements[key] = placement
         return self._placements[key]
 
@@ -221,8 +245,34 @@ def allowed_splits(profile: ModelProfile, gpu_count: int, split: str) -> tuple[s
     return ("tp", "layer") if gpu_count <= heads else ("layer",)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A quant that fits, where it lands and at which cache mode and context (for views such as the speed bound)."""
+
+    quant: Quant
+    mode: CacheMode
+    context: int
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class PlanDetails:
+    """What the planner saw besides the plan: the winner and every other quant that fits (at the cache mode quants
+    are compared at, with the required context), and the chunk-size trade when the plan made one."""
+
+    candidates: tuple[Candidate, ...]
+    chunk_trade: ChunkTrade | None
+
+
 def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanRequest) -> Plan:
     """Pick quant, cache mode, split and context for these GPUs (raises BadInput or NoFit)."""
+    return plan_with_details(profile, inventory, request)[0]
+
+
+def plan_with_details(
+    profile: ModelProfile, inventory: GpuInventory, request: PlanRequest
+) -> tuple[Plan, PlanDetails]:
+    """make_plan, plus the candidates that fit and the chunk-size trade (PlanDetails)."""
     if not inventory.gpus:
         raise BadInput("the GPU inventory is empty", "give --gpus, e.g. --gpus 8x24GiB")
     required = required_context(profile, request)
@@ -232,6 +282,7 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
     fixed_quant = profile.quant(request.quant) if request.quant else None
     usable = [gpu.free_mib - room for gpu, room in zip(inventory.gpus, headroom)]
     search = _Search(profile, usable, splits)
+    searches = [search] + [_Search(profile, usable, splits, f) for f in profile.serving.chunk_fallbacks]
     required_tokens = cache_size_tokens(required)
     by_kl = sorted(profile.quants, key=lambda q: q.kl_ref_quant)
     candidates = [fixed_quant] if fixed_quant else by_kl
@@ -239,12 +290,16 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
     tiers = _tiers(profile, candidates, fixed_mode)
     compare_mode = tiers[0][1][-1]  # quants are compared at the floor (or at the explicit mode)
     winner: Choice | None = None
+    chosen = search
     for tier_quants, tier_modes in tiers:
         cheapest = tier_modes[-1]
-        quant = next((q for q in tier_quants if search.fits(q, cheapest, required_tokens)), None)
-        if quant is not None:
+        found = next(
+            ((q, s) for q in tier_quants for s in searches if s.fits(q, cheapest, required_tokens)), None
+        )
+        if found is not None:
+            quant, chosen = found
             winner = _choose_mode(
-                search, quant, tier_modes, required_tokens, fp16_needs_full_context=not fixed_mode
+                chosen, quant, tier_modes, required_tokens, fp16_needs_full_context=not fixed_mode
             )
             break
     if winner is None:
@@ -256,10 +311,43 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
         else min(winner.max_cache_tokens, profile.architecture.max_position_embeddings)
     )
     cache_tokens = cache_size_tokens(context)
-    placement = search.place(winner.quant, winner.mode, winner.split, cache_tokens)
-    rejected = _rejections(search, by_kl, winner, compare_mode, required_tokens, fixed_quant)
-    return _build_plan(
-        profile, inventory, request, winner, placement, context, cache_tokens, headroom, usable, rejected
+    placement = chosen.place(winner.quant, winner.mode, winner.split, cache_tokens)
+    rejected, fitting = _rejections(search, by_kl, winner, compare_mode, required_tokens, fixed_quant)
+    plan = _build_plan(
+        profile,
+        inventory,
+        winner,
+        placement,
+        context,
+        cache_tokens,
+        headroom,
+        usable,
+        rejected,
+        chosen.chunk_size,
+    )
+    details = PlanDetails(
+        candidates=(Candidate(winner.quant, winner.mode, context, placement),)
+        + tuple(Candidate(q, compare_mode, required, p) for q, p in fitting),
+        chunk_trade=_chunk_trade(search, chosen, winner, required, profile),
+    )
+    return plan, details
+
+
+def _chunk_trade(
+    default: _Search, chosen: _Search, winner: Choice, required: int, profile: ModelProfile
+) -> ChunkTrade | None:
+    """What a smaller chunk_size bought: the context the same quant and mode reach at the default (None: no trade)."""
+    if chosen.fallback is None:
+        return None
+    reach = max(default.max_tokens(winner.quant, winner.mode, split) for split in default.splits)
+    maximum = profile.architecture.max_position_embeddings
+    return ChunkTrade(
+        default_chunk_size=default.chunk_size,
+        chunk_size=chosen.chunk_size,
+        required_context=required,
+        default_max_context=min(reach, maximum),
+        max_context=min(winner.max_cache_tokens, maximum),
+        prefill_vs_default=chosen.fallback.prefill_vs_default,
     )
 
 
@@ -333,9 +421,10 @@ def _rejections(
     probe_mode: CacheMode,
     required_tokens: int,
     fixed_quant: Quant | None,
-) -> tuple[Rejection, ...]:
-    """Every quant but the winner, with the number that decided against it."""
+) -> tuple[tuple[Rejection, ...], tuple[tuple[Quant, Placement], ...]]:
+    """Every quant but the winner, with the number that decided against it; and those of them that fit."""
     rejected = []
+    fitting = []
     for quant in by_kl:
         if quant.branch == winner.quant.branch:
             continue
@@ -349,8 +438,10 @@ def _rejections(
                 f"fits, but KL {quant.kl_ref_quant:.4f} > {winner.quant.kl_ref_quant:.4f} of "
                 f"{winner.quant.branch}"
             )
+        if placement.fits:
+            fitting.append((quant, placement))
         rejected.append(Rejection(quant.branch, reason, placement.short_by_mib))
-    return tuple(rejected)
+    return tuple(rejected), tuple(fitting)
 
 
 def _closest_option(
@@ -405,7 +496,6 @@ def _closest_option(
 def _build_plan(
     profile: ModelProfile,
     inventory: GpuInventory,
-    request: PlanRequest,
     winner: Choice,
     placement: Placement,
     context: int,
@@ -413,6 +503,7 @@ def _build_plan(
     headroom: Sequence[int],
     usable: Sequence[int],
     rejected: tuple[Rejection, ...],
+    chunk_size: int,
 ) -> Plan:
     """Assemble the hand-off: per-GPU numbers in MiB against each GPU's real usable memory."""
     gpus = inventory.gpus
@@ -452,7 +543,7 @@ def _build_plan(
         cache_mode=winner.mode.label,
         split=split,
         gpu_split=gpu_split,
-        chunk_size=profile.serving.chunk_size,
+        chunk_size=chunk_size,
         headroom_mib=max(headroom[load.index] for load in placement.loads),
         per_gpu=per_gpu,
         expected=Expected(kl=quant.kl_ref_quant, top1=quant.top1, ppl=quant.ppl),

@@ -49,10 +49,18 @@ def nvml_available() -> bool:
 NO_NVML = pytest.mark.skipif(nvml_available(), reason="this host has an NVIDIA driver: exit 4 cannot happen")
 
 
-def test_json_is_exactly_the_plan_contract() -> None:
+VIEW_KEYS = {
+    "decode_bound",
+    "chunk_trade",
+}  # shown with the plan, not part of the hand-off (render ignores them)
+
+
+def test_json_is_the_plan_contract_and_its_views() -> None:
     result = deploy("plan", "--gpus", "8x24GiB", "--json")
     assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    shown = json.loads(result.stdout)
+    assert VIEW_KEYS <= set(shown) and shown["chunk_trade"] is None
+    data = {key: value for key, value in shown.items() if key not in VIEW_KEYS}
     assert set(data) == {
         "profile",
         "hf_repo",
@@ -193,3 +201,31 @@ def test_plan_path_imports_no_heavy_module() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_plan_shows_the_decode_bound_as_a_bound_with_its_assumptions() -> None:
+    table = deploy("plan", "--gpus", "2xH200")
+    assert table.returncode == 0, table.stderr
+    assert "decode bound tok/s" in table.stdout and "upper bound on batch-1 decode" in table.stdout
+    chosen = next(line for line in table.stdout.splitlines() if line.startswith(">"))
+    data = json.loads(deploy("plan", "--gpus", "2xH200", "--json").stdout)
+    bound = data["decode_bound"]
+    assert "upper bound" in bound["label"] and "datasheet bandwidth" in bound["assumptions"]
+    first = bound["candidates"][0]
+    assert (first["quant"], first["split"], first["context"]) == (
+        data["quant"],
+        data["split"],
+        data["context"],
+    )
+    assert f"<= {first['tokens_per_s']:.0f} tp" in chosen
+    sizes = json.loads(deploy("plan", "--gpus", "8x24GiB", "--json").stdout)["decode_bound"]["candidates"]
+    assert sizes and all(c["tokens_per_s"] is None and c["unknown"] for c in sizes)
+
+
+def test_plan_says_what_a_smaller_chunk_size_bought_and_costs() -> None:
+    table = deploy("plan", "--gpus", "141GB", "--context", "max")
+    assert table.returncode == 0, table.stderr
+    assert "chunk_size 1024 instead of 2048" in table.stdout and "prefill measured at 1.28x" in table.stdout
+    data = json.loads(deploy("plan", "--gpus", "141GB", "--context", "max", "--json").stdout)
+    assert data["chunk_size"] == data["chunk_trade"]["chunk_size"] == 1024
+    assert data["chunk_trade"]["default_max_context"] < data["context"] <= data["chunk_trade"]["max_context"]

@@ -63,6 +63,16 @@ BROKEN = [
     (_set(("serving", "cache_floor"), "k5v4"), "serving.cache_floor"),
     (_drop(("serving", "cache_floor")), "serving.cache_floor"),
     (_set(("hf_repo",), "not a repo"), "hf_repo"),
+    (_set(("serving", "chunk_fallbacks", 0, "chunk_size"), 4096), "serving.chunk_fallbacks[0].chunk_size"),
+    (_set(("serving", "chunk_fallbacks", 1, "chunk_size"), 1024), "serving.chunk_fallbacks[1].chunk_size"),
+    (
+        _set(("serving", "chunk_fallbacks", 0, "calibrated_splits"), ["pp"]),
+        "serving.chunk_fallbacks[0].calibrated_splits",
+    ),
+    (
+        _set(("serving", "chunk_fallbacks", 1, "prefill_vs_default"), [0]),
+        "serving.chunk_fallbacks[1].prefill_vs_default",
+    ),
 ]
 
 
