@@ -229,7 +229,8 @@ def exact_logprobs(model_dir: Path, reference: Reference) -> tuple[np.ndarray, l
 
     backend = Exl3Backend(model_dir)
     try:
-        rows = [backend.logprobs_at(ids, counts) for _, ids, counts in _positions(reference)]
+        backend.load(MAX_SEQ_LEN)
+        rows = [backend.plain_logprobs_at(ids, counts) for _, ids, counts in _positions(reference)]
         return np.concatenate(rows), backend.pieces()
     finally:
         backend.close()

@@ -1,4 +1,4 @@
-"""`deploy reference record|compute`: make the reference distributions `deploy verify --reference` compares to."""
+"""`deploy reference record|compute|deployment`: make the reference distributions `deploy verify` compares to."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OK, BadInput
+from .options import NO_GPU_ENV, no_gpu
 
 
 def register(subparsers: Any) -> None:
-    """Add `reference` with its two subcommands."""
+    """Add `reference` with its three subcommands."""
     parser = subparsers.add_parser("reference", help="record or compute reference next-token distributions")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     record = actions.add_parser(
@@ -39,8 +40,32 @@ def register(subparsers: Any) -> None:
     )
     compute.add_argument("--prompts", type=Path, help="prompt set YAML/JSON (default: the shipped set)")
     compute.add_argument("--top-k", type=int, default=None, help="entries per position (default 200)")
-    compute.add_argument("--device", default="cuda:0", help="torch device (default cuda:0)")
+    compute.add_argument(
+        "--device", default="auto", help="auto (one GPU, else split over every visible GPU) or cuda:N"
+    )
     compute.set_defaults(run=run_compute)
+    deployment = actions.add_parser(
+        "deployment",
+        help="compute a deployment's reference inside its image, before serving (what `deploy auto` does)",
+        description="Run the reference computation (exllamav3 in-process, FP16 cache) in the deployment's "
+        "built image on its planned GPUs, with the model folder and this package mounted read-only, and "
+        "store it in the deployment folder; reused while the model commit, image, prompts and code are "
+        "unchanged. The GPUs must be free: a running server of this deployment is stopped first. Exit 3 "
+        "out of GPU memory, 4 environment missing (model not fetched, image not built, no engine).",
+    )
+    deployment.add_argument(
+        "--out", default="deploy-out", type=Path, help="the deployment folder (default ./deploy-out)"
+    )
+    deployment.add_argument(
+        "--force", action="store_true", help="compute again even when the stored reference is current"
+    )
+    deployment.add_argument(
+        "--no-gpu",
+        action="store_true",
+        help=f"CPU-only test engine: no GPU device request (also {NO_GPU_ENV}=1)",
+    )
+    deployment.add_argument("--json", action="store_true", help="print the result as JSON")
+    deployment.set_defaults(run=run_deployment)
 
 
 def _check_out(out: Path, top_k: int | None) -> None:
@@ -79,22 +104,42 @@ def run_record(args: argparse.Namespace) -> int:
 
 
 def run_compute(args: argparse.Namespace) -> int:
-    """Compute with exllamav3 on a GPU (imported lazily: extra `gpu`)."""
+    """Compute with exllamav3 on a GPU (the reference entry point's computation; extra `gpu`)."""
     from ..output import status_console
-    from ..verify.exl3_backend import Exl3Backend
-    from ..verify.reference import COMPUTE_TOP_K, compute_reference, load_prompts, save_reference
+    from ..verify.reference import COMPUTE_TOP_K, load_prompts, save_reference
+    from ..verify.reference_entry import compute
 
     _check_out(args.out, args.top_k)
     prompts = load_prompts(args.prompts)
     status = status_console()
-    backend = Exl3Backend(args.model_dir, args.device)
-    try:
-        reference = compute_reference(backend, prompts, args.top_k or COMPUTE_TOP_K)
-    finally:
-        backend.close()
+    reference = compute(
+        args.model_dir,
+        prompts,
+        top_k=args.top_k or COMPUTE_TOP_K,
+        device=args.device,
+        log=lambda line: status.print(line, markup=False),
+    )
     save_reference(reference, args.out)
     status.print(
         f"wrote {args.out}: {reference.positions} positions from {len(reference.prompts)} prompts of "
         f"{reference.model_id!r} ({reference.kind})"
     )
+    return EXIT_OK
+
+
+def run_deployment(args: argparse.Namespace) -> int:
+    """The deployment reference step on its own: reused or computed in the image."""
+    from ..deploy import engine
+    from ..deploy.deployment import load_deployment
+    from ..deploy.reference_step import describe, reference_step
+    from ..output import Progress, emit_json
+
+    dep = load_deployment(args.out)
+    outcome = reference_step(
+        dep, engine.connect(), Progress(quiet=args.json), gpu=not no_gpu(args), force=args.force
+    )
+    if args.json:
+        emit_json(outcome.to_dict())
+    else:
+        print(describe(outcome))
     return EXIT_OK

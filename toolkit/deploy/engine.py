@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EnvironmentMissing, ToolkitError
-from .compose_spec import RunSpec
+from .compose_spec import Mount, RunSpec
 from .diagnose import diagnose
 
 LABEL_OUT_DIR = "io.glm-deploy.out-dir"
@@ -210,7 +210,6 @@ def converge(client: Any, spec: RunSpec, out_dir: Path) -> tuple[Any, str]:
 
 def run(client: Any, spec: RunSpec, image_id: str, config_sha256: str, out_dir: Path) -> Any:
     """Create and start the container described by spec (detached)."""
-    import docker
     from docker.errors import APIError
 
     restart_name, _, retries = spec.restart.partition(":")
@@ -219,11 +218,9 @@ def run(client: Any, spec: RunSpec, image_id: str, config_sha256: str, out_dir: 
         "detach": True,
         "environment": spec.environment,
         "ports": spec.ports,
-        "mounts": [
-            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in spec.mounts
-        ],
+        "mounts": _mounts(spec.mounts),
         "labels": {**spec.labels, LABEL_OUT_DIR: str(out_dir.resolve()), LABEL_CONFIG: config_sha256},
-        "ulimits": [docker.types.Ulimit(name=n, soft=s, hard=h) for n, s, h in spec.ulimits],
+        "ulimits": [docker_ulimit(n, s, h) for n, s, h in spec.ulimits],
     }
     if restart_name and restart_name != "no":
         kwargs["restart_policy"] = {
@@ -245,18 +242,8 @@ def run(client: Any, spec: RunSpec, image_id: str, config_sha256: str, out_dir: 
     if spec.log_config:
         kwargs["log_config"] = spec.log_config
     if spec.gpu_device_ids is not None:
-        ids = list(spec.gpu_device_ids)
-        kwargs["device_requests"] = [
-            docker.types.DeviceRequest(
-                driver="nvidia", device_ids=ids or None, count=None if ids else -1, capabilities=[["gpu"]]
-            )
-        ]
-    for mount in spec.mounts:
-        if not Path(mount.source).exists():
-            raise EnvironmentMissing(
-                f"mount source {mount.source} does not exist",
-                "run `deploy render` and `deploy fetch-model` for this out dir",
-            )
+        kwargs["device_requests"] = _gpu_request(spec.gpu_device_ids)
+    _check_sources(spec.mounts)
     try:
         container = client.containers.create(image_id, **kwargs)
     except APIError as exc:
@@ -268,6 +255,137 @@ def run(client: Any, spec: RunSpec, image_id: str, config_sha256: str, out_dir: 
         raise _start_error(exc) from None
     container.reload()
     return container
+
+
+def _mounts(mounts: tuple[Mount, ...]) -> list[Any]:
+    import docker
+
+    return [docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in mounts]
+
+
+def _gpu_request(device_ids: tuple[str, ...]) -> list[Any]:
+    """The NVIDIA device request for these GPUs (UUIDs or indices); () asks for all of them."""
+    import docker
+
+    ids = list(device_ids)
+    return [
+        docker.types.DeviceRequest(
+            driver="nvidia", device_ids=ids or None, count=None if ids else -1, capabilities=[["gpu"]]
+        )
+    ]
+
+
+def _check_sources(mounts: tuple[Mount, ...]) -> None:
+    for mount in mounts:
+        if not Path(mount.source).exists():
+            raise EnvironmentMissing(
+                f"mount source {mount.source} does not exist",
+                "run `deploy render` and `deploy fetch-model` for this out dir",
+            )
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A one-off container that runs a command to completion (no network, no ports, no restarts)."""
+
+    name: str
+    image: str
+    entrypoint: tuple[str, ...]
+    command: tuple[str, ...]
+    environment: dict[str, str]
+    mounts: tuple[Mount, ...]
+    user: str | None
+    gpu_device_ids: tuple[str, ...] | None  # None: no GPU request; (): all GPUs
+    shm_size: str | None
+    ulimits: tuple[tuple[str, int, int], ...]
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """How a one-off container ended: its exit code (None when it was killed at the timeout) and its log tail."""
+
+    exit_code: int | None
+    log_tail: str
+
+
+def run_task(
+    client: Any, spec: TaskSpec, out_dir: Path, on_line: Callable[[str], None], timeout_s: float
+) -> TaskResult:
+    """Run spec to completion, streaming its output lines to on_line; the container is removed afterwards."""
+    import threading
+
+    from docker.errors import APIError
+
+    existing = find_container(client, spec.name)
+    if existing is not None:
+        owner = existing.labels.get(LABEL_OUT_DIR)
+        if owner != str(out_dir.resolve()):
+            raise EnvironmentMissing(
+                f"a container named {spec.name} already exists and is not this deployment's", "remove it"
+            )
+        remove(existing)  # a leftover of an interrupted run of ours
+    _check_sources(spec.mounts)
+    kwargs: dict[str, Any] = {
+        "name": spec.name,
+        "detach": True,
+        "entrypoint": list(spec.entrypoint),
+        "command": list(spec.command),
+        "environment": spec.environment,
+        "mounts": _mounts(spec.mounts),
+        "labels": {**spec.labels, LABEL_OUT_DIR: str(out_dir.resolve())},
+        "network_mode": "none",
+        "ulimits": [docker_ulimit(n, s, h) for n, s, h in spec.ulimits],
+    }
+    if spec.user:
+        kwargs["user"] = spec.user
+    if spec.shm_size:
+        kwargs["shm_size"] = spec.shm_size
+    if spec.gpu_device_ids is not None:
+        kwargs["device_requests"] = _gpu_request(spec.gpu_device_ids)
+    try:
+        container = client.containers.create(spec.image, **kwargs)
+    except APIError as exc:
+        raise _start_error(exc) from None
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        stop(container)
+
+    timer = threading.Timer(timeout_s, kill)
+    try:
+        try:
+            container.start()
+        except APIError as exc:
+            raise _start_error(exc) from None
+        timer.start()
+        pending = ""
+        for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True):
+            pending += chunk.decode("utf-8", errors="replace")
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                if line.strip():
+                    on_line(line.rstrip())
+        if pending.strip():
+            on_line(pending.rstrip())
+        code = int(container.wait().get("StatusCode", -1))
+        return TaskResult(None if killed.is_set() else code, read_logs(container, tail=60))
+    finally:
+        timer.cancel()
+        remove(container)
+
+
+def docker_ulimit(name: str, soft: int, hard: int) -> Any:
+    """A docker SDK Ulimit."""
+    import docker
+
+    return docker.types.Ulimit(name=name, soft=soft, hard=hard)
+
+
+def image_id(client: Any, reference: str) -> str:
+    """The id of a local image, or exit 4 saying to build it."""
+    return str(_image(client, reference).id)
 
 
 def status(container: Any) -> ContainerStatus:

@@ -1,4 +1,8 @@
-"""The names of the files glm-deploy writes, kept once: a rendered out folder, its state, a model folder's marker."""
+"""The names of the files glm-deploy writes, kept once: a rendered out folder, its state, a model folder's marker.
+
+No imports: the reference entry point reads these names inside the deployment's image, where only the standard
+library, numpy, yaml, torch and exllamav3 are installed.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ MANIFEST = "render.json"  # written last: what was rendered, with file hashes
 MODELS = "models"  # default models folder inside the out folder
 # `deploy up`
 STATE = "deploy-state.json"
+# `deploy reference deployment` (and `deploy auto` before `up`); also what the reference entry point writes into --out
+DEPLOYMENT_REFERENCE = "deployment-reference.json.gz"  # computed from the deployed weights before serving
+REFERENCE_STAGING_PREFIX = ".reference-"  # the reference container writes here; the host checks, then renames
 # `deploy fetch-model`: written into the model folder once every file is downloaded and checked
 MODEL_MARKER = ".glm-deploy-complete.json"
 # `deploy cluster render --out DIR`

@@ -37,6 +37,8 @@ KIND_FULL_PRECISION = "full_precision"
 KIND_QUANTIZED = "quantized"
 KIND_DEPLOYMENT = "deployment"
 KINDS = (KIND_FULL_PRECISION, KIND_QUANTIZED, KIND_DEPLOYMENT)
+# settings["source"] of a reference computed in-process from a model folder (recorded ones hold the server's URL).
+SOURCE_COMPUTE = "compute"
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "default.yaml"
 POSITIONS_PER_PROMPT = 4
@@ -158,6 +160,13 @@ def load_prompts(path: Path | None = None) -> list[Prompt]:
             raise BadInput(f"prompt set {source}: prompts[{i}] needs a non-empty text", "fix the file")
         prompts.append(Prompt(name=str(item.get("name") or f"prompt-{i}"), text=item["text"]))
     return prompts
+
+
+def prompts_sha256(prompts: Sequence[Prompt]) -> str:
+    """sha256 of a prompt set's names and texts: a reference is reused only for the same prompts."""
+    return hashlib.sha256(
+        json.dumps([[p.name, p.text] for p in prompts], ensure_ascii=False).encode()
+    ).hexdigest()
 
 
 def probe_identity(ids: Sequence[int]) -> str:
@@ -382,8 +391,13 @@ def compute_reference(
     top_k: int = COMPUTE_TOP_K,
     positions_per_prompt: int = POSITIONS_PER_PROMPT,
     progress: Callable[[int, int], None] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Reference:
-    """Compute a reference locally: exact distributions, stored as top-K with ids, plus the vocab's collisions."""
+    """Compute a reference locally: exact distributions, stored as top-K with ids, plus the vocab's collisions.
+
+    settings adds to (or overrides) what the file records it was made with (the entry point's backend, cache,
+    versions, model commit).
+    """
     import numpy as np
 
     from .kl import collision_counts
@@ -424,7 +438,9 @@ def compute_reference(
             "positions_per_prompt": positions_per_prompt,
             "cache_mode": None,
             "max_seq_len": None,
-            "source": "compute",
+            "source": SOURCE_COMPUTE,
+            "prompts_sha256": prompts_sha256(prompts),
+            **(settings or {}),
         },
         tokenizer={
             "probe": TOKENIZER_PROBE,
