@@ -14,7 +14,15 @@ from typing import Any
 from .client import ServerError, TabbyClient
 from .kl import KlSummary, position_kl, side_from_entries, summarize
 from .readiness import Expectations, model_problems, served_model
-from .reference import KIND_DEPLOYMENT, KIND_FULL_PRECISION, TOKENIZER_PROBE, Reference, probe_identity
+from .reference import (
+    KIND_DEPLOYMENT,
+    KIND_FULL_PRECISION,
+    KIND_QUANTIZED,
+    SOURCE_COMPUTE,
+    TOKENIZER_PROBE,
+    Reference,
+    probe_identity,
+)
 
 # With a full-precision reference and no --max-kl, the served mean may exceed the profile's measured
 # KL(FP16 || quant) for the expected quant by this factor. Why 1.5: our figure is a lower bound (top-K coarse
@@ -23,6 +31,9 @@ from .reference import KIND_DEPLOYMENT, KIND_FULL_PRECISION, TOKENIZER_PROBE, Re
 # 3bpw vs 2bpw 0.759): a wrong branch, broken weights or a broken cache lands well above 1.5x. It cannot tell
 # 6 from 8 bpw (0.078 vs 0.072); pin --max-kl for that.
 KL_TOLERANCE_FACTOR = 1.5
+# A reference computed in-process from a quant folder (the deployment reference, `deploy reference deployment`)
+# is compared with the server serving that folder: the threshold is the serving-path bound for the server's cache
+# mode (profiles/serving_path.yaml, toolkit/facts/serving_path.py).
 # A reference recorded from an earlier deployment (benchmarks/spotcheck_gpu/RESULTS.md, measured on an H200): the
 # serving path itself adds 5e-6 nats (BF16 served vs its plain forward); re-serving the same 6 bpw quant moved the
 # mean by 0.0004; a cache change (FP16 -> 5,4) moved it by 0.013. 0.02 nats flags a changed quant or corrupted
@@ -59,6 +70,7 @@ class VerifyRequest:
     wait_s: float = 0.0
     top_k: int = SERVED_TOP_K
     timeout_s: float = 120.0
+    split: str | None = None  # single | tp | layer: named with the serving-path bound
 
 
 @dataclass(frozen=True)
@@ -209,12 +221,36 @@ def check_tokenizer(client: TabbyClient, reference: Reference) -> Check:
     return Check("tokenizer", True, f"probe encodes identically ({len(ids)} tokens)", elapsed)
 
 
-def kl_threshold(request: VerifyRequest, served_id: str | None) -> tuple[float, str]:
+def serving_path_reference(reference: Reference) -> bool:
+    """Computed in-process from a quant folder: serving that folder may differ from it only by the serving path."""
+    return reference.kind == KIND_QUANTIZED and reference.settings.get("source") == SOURCE_COMPUTE
+
+
+def serving_path_threshold(cache_mode: str | None, split: str | None) -> tuple[float, str]:
+    """The serving-path bound for a cache mode as TabbyAPI spells it (an unreadable one gets FP16's, the tightest)."""
+    from ..errors import BadInput
+    from ..facts.serving_path import load_serving_path
+    from ..plan.memory import parse_cache_mode
+
+    try:
+        canonical = parse_cache_mode(str(cache_mode)).label
+        note = ""
+    except BadInput:
+        canonical, note = "FP16", f"cache mode {cache_mode!r} unreadable, FP16's bound; "
+    bound = load_serving_path().bound(canonical, split)
+    return bound.value, note + bound.source
+
+
+def kl_threshold(request: VerifyRequest, served: dict[str, Any] | None) -> tuple[float, str]:
     """The bound the mean KL must stay under, and where it comes from (see the constants above)."""
     if request.max_kl is not None:
         return request.max_kl, "--max-kl"
     reference = request.reference
     assert reference is not None
+    if serving_path_reference(reference):
+        served_mode = (served or {}).get("cache_mode")
+        return serving_path_threshold(request.expect.cache_mode or served_mode, request.split)
+    served_id = (served or {}).get("id")
     if reference.kind != KIND_FULL_PRECISION:
         return REGRESSION_MAX_KL, f"regression bound {REGRESSION_MAX_KL} vs a {reference.kind} reference"
     from ..facts.profiles import load_profile
@@ -273,11 +309,11 @@ def measure_kl(
     return results, seconds, missing
 
 
-def check_kl(client: TabbyClient, request: VerifyRequest, served_id: str | None) -> KlOutcome:
+def check_kl(client: TabbyClient, request: VerifyRequest, served: dict[str, Any] | None) -> KlOutcome:
     """KL spot-check against the reference: fail when the mean exceeds the threshold."""
     reference = request.reference
     assert reference is not None
-    threshold, source = kl_threshold(request, served_id)
+    threshold, source = kl_threshold(request, served)
     top_k = request.top_k
     if reference.kind == KIND_DEPLOYMENT:
         # Same K as recorded: a TabbyAPI dict keeps the last of the colliding entries, so only equal K collapses
@@ -351,7 +387,7 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
             tokenizer = check_tokenizer(client, request.reference)
             checks.append(tokenizer)
             if tokenizer.passed:
-                kl = check_kl(client, request, served["id"] if served else None)
+                kl = check_kl(client, request, served)
                 checks.append(kl.check)
             else:
                 checks.append(_not_run("kl", "the tokenizer check failed"))
