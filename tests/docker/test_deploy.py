@@ -10,6 +10,7 @@ The model comes from the fake hub (tests/fake_hf_hub, a test double of Hugging F
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from tests.tabby_test_server.testing import free_port
 from toolkit.deploy import compose_spec, engine, state
 from toolkit.deploy.deployment import load_deployment
 from toolkit.deploy.diagnose import DiagnosedFailure
-from toolkit.deploy.retry import replan
+from toolkit.deploy.retry import replan, smaller_context
 from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.facts.layout import STATE
 from toolkit.facts.profiles import load_profile
@@ -82,6 +83,9 @@ class Site:
     port: int
     env: dict[str, str]
     tags: list[str]
+    # The rendered image name is a hash of the plan: other sessions on this shared engine render the same plan
+    # and tag their own image with that name. A context of our own makes ours unique.
+    context: int = field(default_factory=lambda: 65536 + 256 * (1 + secrets.randbelow(200)))
 
     def deploy(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run the real CLI in a subprocess, as a user would."""
@@ -116,11 +120,11 @@ def _tag_as_rendered(docker_client, image_id: str, site: Site) -> None:
 
 @pytest.fixture()
 def site(docker_client, tabby_image, fake_hub, tmp_path) -> Iterator[Site]:
-    """A deployment rendered for 3bpw_H6 at 64k context, CPU-only, on a free port; cleaned up afterwards."""
+    """A deployment rendered for 3bpw_H6 at 64-117k context, CPU-only, on a free port; cleaned up afterwards."""
     env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "", "PYTHONPATH": str(ROOT)}
     env.pop("GLM_DEPLOY_NO_GPU", None)
     site = Site(out=tmp_path / "out", models=tmp_path / "models", port=free_port(), env=env, tags=[])
-    render_bundle(_plan(65536), site.out, _options(site))
+    render_bundle(_plan(site.context), site.out, _options(site))
     _tag_as_rendered(docker_client, tabby_image, site)
     try:
         yield site
@@ -145,7 +149,7 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
 
     up = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
     assert up["action"] == "created" and up["url"] == f"http://127.0.0.1:{site.port}"
-    assert up["model"]["id"] == QUANT and up["model"]["parameters"]["max_seq_len"] == 65536
+    assert up["model"]["id"] == QUANT and up["model"]["parameters"]["max_seq_len"] == site.context
     container = docker_client.containers.get(up["container"])
     ports = container.attrs["HostConfig"]["PortBindings"]["5000/tcp"]
     assert ports == [{"HostIp": "127.0.0.1", "HostPort": str(site.port)}]
@@ -166,7 +170,7 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
     assert status["state"] == "running" and status["health"] == 200
     assert status["model"] == {
         "id": QUANT,
-        "max_seq_len": 65536,
+        "max_seq_len": site.context,
         "cache_mode": up["model"]["parameters"]["cache_mode"],
         "cache_size": up["model"]["parameters"]["cache_size"],
     }
@@ -175,10 +179,11 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
     logs = site.deploy("logs", "--out", str(site.out), "--tail", "20")
     assert logs.returncode == 0 and "Uvicorn running on http://0.0.0.0:5000" in logs.stdout
 
-    render_bundle(_plan(40960), site.out, _options(site))  # a changed plan: the container must be replaced
+    smaller = site.context - 4096
+    render_bundle(_plan(smaller), site.out, _options(site))  # a changed plan: the container must be replaced
     _tag_as_rendered(docker_client, tabby_image, site)
     changed = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
-    assert changed["action"] == "replaced" and changed["model"]["parameters"]["max_seq_len"] == 40960
+    assert changed["action"] == "replaced" and changed["model"]["parameters"]["max_seq_len"] == smaller
 
     down = site.deploy("down", "--out", str(site.out))
     assert down.returncode == 0, down.stderr
@@ -210,7 +215,9 @@ def test_oom_is_diagnosed_and_retry_smaller_recovers(
     # The retry re-renders for half the context; its image name is known by re-planning a copy the same way.
     preview = tmp_path / "preview"
     shutil.copytree(site.out, preview)
-    retried = replan(load_deployment(preview), 32768)
+    half = smaller_context(site.context, 32768)
+    assert half == site.context // 2 // 256 * 256
+    retried = replan(load_deployment(preview), half)
     assert retried.manifest["image"] != load_deployment(site.out).manifest["image"]
     repository, _, version = retried.manifest["image"].rpartition(":")
     docker_client.images.get(tabby_image).tag(repository, version)
@@ -218,8 +225,8 @@ def test_oom_is_diagnosed_and_retry_smaller_recovers(
 
     result = site.deploy("up", "--out", str(site.out), "--no-gpu", "--retry-smaller", "--json")
     outcome = _json(result)
-    assert "re-planning with context 32768" in result.stderr
-    assert outcome["retried_context"] == 32768 and outcome["model"]["parameters"]["max_seq_len"] == 32768
+    assert f"re-planning with context {half}" in result.stderr
+    assert outcome["retried_context"] == half and outcome["model"]["parameters"]["max_seq_len"] == half
 
 
 def test_port_in_use_is_exit_4(site: Site) -> None:
@@ -246,8 +253,8 @@ def test_up_without_the_model_says_fetch_first(site: Site) -> None:
     assert result.returncode == 4 and "deploy fetch-model" in result.stderr
 
 
-def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -> None:
-    args = [
+def _auto_args(site: Site) -> list[str]:
+    return [
         "auto",
         "--out",
         str(site.out),
@@ -256,7 +263,7 @@ def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -
         "--quant",
         QUANT,
         "--context",
-        "65536",
+        str(site.context),
         "--port",
         str(site.port),
         "--models-dir",
@@ -264,31 +271,95 @@ def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -
         "--no-gpu",
         "--skip-build",
     ]
+
+
+def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -> None:
+    args = _auto_args(site)
     refused = site.deploy(*args)  # no terminal to ask on, no --yes
     assert refused.returncode == 2 and "--yes" in refused.stderr
 
-    first = _json(site.deploy(*args, "--yes", "--json"))
+    first_run = site.deploy(*args, "--yes", "--json")
+    first = _json(first_run)
     assert first["ok"] and first["stage"] == "done" and first["action"] == "created"
     assert {c["name"]: c["passed"] for c in first["verify"]} == {
         "liveness": True,
         "readiness": True,
         "function": True,
+        "tokenizer": True,
+        "kl": True,
     }
+    # The reference was computed inside the image from the downloaded folder, by the test double (it says so).
+    reference = first["reference"]
+    assert not reference["reused"] and reference["path"] == str(site.out / "deployment-reference.json.gz")
+    assert reference["positions"] == 159 and reference["model_id"] == QUANT
+    assert reference["backend"].startswith("test-double") and "TEST DOUBLE" in first_run.stderr
+    assert reference["model_commit"] == first["model"]["commit"] and reference["cache_mode"] == "FP16"
+    kl = first["kl"]
+    assert kl["positions"] == 159 and kl["mean"] < kl["threshold"]
+    assert "serving-path bound for cache" in kl["threshold_source"]
+    assert not [
+        c
+        for c in docker_client.containers.list(all=True)
+        if c.name.endswith("-reference") and c.labels.get(engine.LABEL_OUT_DIR) == str(site.out)
+    ]  # the one-off container is gone
+    assert not list(site.out.glob(".reference-*"))  # and so is its staging folder
     assert first["api_key_file"] == str(site.out / "api_tokens.yml")
     key = (site.out / "api_tokens.yml").read_text()
     assert "sed -n" in first["curl"] and key.split("api_key:")[1].split()[0] not in json.dumps(first)
 
     second = _json(site.deploy(*args, "--yes", "--json"))
     assert second["action"] == "kept" and second["container"] == first["container"]
-    assert second["model"]["reused"]
+    assert second["model"]["reused"] and second["reference"]["reused"]
+    assert second["reference"]["key"] == reference["key"] and second["kl"]["mean"] == kl["mean"]
 
     human = site.deploy(*args, "--yes")
     assert human.returncode == 0 and f"endpoint: http://127.0.0.1:{site.port}/v1" in human.stdout
+    assert "PASS kl" in human.stdout and "deployment reference reused" in human.stderr
+
+    # The step on its own, forced: the container's log lines arrive as progress, the key stays the same.
+    again = site.deploy("reference", "deployment", "--out", str(site.out), "--no-gpu", "--force")
+    assert again.returncode == 0, again.stderr
+    assert "[reference] TEST DOUBLE prompt 40/40" in again.stderr and "computed" in again.stdout
+    status = _json(site.deploy("status", "--out", str(site.out), "--kl", "--json"))
+    assert status["reference"]["current"] and status["kl"]["passed"] and status["kl"]["positions"] == 159
+    verified = _json(site.deploy("verify", "--out", str(site.out), "--json"))
+    assert verified["passed"] and verified["kl"]["mean"] == kl["mean"]
     curl = next(line for line in human.stdout.splitlines() if line.startswith("try: curl"))
     answer = subprocess.run(
         ["bash", "-c", curl.removeprefix("try: ")], capture_output=True, text=True, timeout=60, check=False
     )
     assert answer.returncode == 0 and json.loads(answer.stdout)["choices"][0]["message"]["content"]
+
+
+def test_auto_fails_with_exit_5_when_the_server_serves_other_weights_than_the_reference(
+    docker_client, tabby_image, site: Site
+) -> None:
+    """A build that computes differently: the image's server is told 4-bit weights (GLM_TEST_SERVER_BITS) while
+    the folder it serves, from which the reference is computed, holds 3-bit ones (3bpw_H6)."""
+    variant = docker_client.images.build(
+        fileobj=io.BytesIO(f"FROM {tabby_image}\nENV GLM_TEST_SERVER_BITS=4\n".encode()), rm=True, pull=False
+    )[0]
+    name = load_deployment(site.out).manifest["image"]
+    repository, _, version = name.rpartition(":")
+    variant.tag(repository, version)  # the rendered name now runs the variant (site cleanup removes the tag)
+
+    skipped = site.deploy(*_auto_args(site), "--no-kl", "--yes", "--json")
+    outcome = _json(skipped)
+    assert outcome["ok"] and outcome["reference"] == {"skipped": "--no-kl"} and outcome["kl"] is None
+    assert [c["name"] for c in outcome["verify"]] == ["liveness", "readiness", "function"]
+    assert "--no-kl: no deployment reference and no KL spot-check" in skipped.stderr
+    assert not (site.out / "deployment-reference.json.gz").exists()
+
+    failed = site.deploy(*_auto_args(site), "--yes")
+    assert failed.returncode == 5, failed.stderr
+    assert "FAIL kl" in failed.stdout and "verification FAILED" in failed.stdout
+    assert "PASS readiness" in failed.stdout  # same name, cache mode and context: only the KL can tell
+    assert "deploy auto: verification failed: kl: mean KL" in failed.stderr
+    assert (site.out / "deployment-reference.json.gz").is_file()  # made from the folder: 3 bits
+
+    later = site.deploy("verify", "--out", str(site.out), "--json")
+    assert later.returncode == 5 and not json.loads(later.stdout)["passed"]
+    assert json.loads(later.stdout)["kl"]["mean"] > 10 * json.loads(later.stdout)["kl"]["threshold"]
 
 
 def test_build_reuses_an_image_with_the_same_hash(docker_client, tabby_image, test_base_image) -> None:
@@ -309,7 +380,7 @@ def test_gpu_deployment_on_an_engine_without_nvidia_runtime(docker_client, tabby
     if engine.gpu_runtime_present(docker_client):
         pytest.skip("this engine has the NVIDIA runtime: the refusal path cannot be shown here")
     render_bundle(
-        _plan(65536), site.out, RenderOptions(port=site.port, models_dir=str(site.models), force=True)
+        _plan(site.context), site.out, RenderOptions(port=site.port, models_dir=str(site.models), force=True)
     )
     _tag_as_rendered(docker_client, tabby_image, site)
     assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0

@@ -13,7 +13,7 @@ from ..facts.profiles import ModelProfile
 from ..output import Progress, emit_json
 from ..plan.plan import Plan, PlanRequest
 from .options import NO_GPU_ENV, add_plan_options, add_port_option, no_gpu, port_number, request_from_args
-from .views import print_plan
+from .views import print_checks, print_plan
 
 
 def register(subparsers: Any) -> None:
@@ -22,9 +22,11 @@ def register(subparsers: Any) -> None:
         "auto",
         help="from this host to a verified endpoint in one command",
         description="Detect the GPUs, plan (shown; confirmed unless --yes), render into --out, check the host, "
-        "download the model, build the image, start the container, wait until it serves the plan, and "
-        "verify it. Re-running converges on the same deployment. Exit 2 bad input, 3 nothing fits or "
-        "out of GPU memory, 4 environment missing, 5 verification failed.",
+        "download the model, build the image, compute the deployment reference in it on the planned GPUs "
+        "(exllamav3 in-process on the downloaded weights), start the container, wait until it serves the "
+        "plan, and verify it, ending with the KL spot-check against that reference. Re-running converges on "
+        "the same deployment (and reuses the reference). Exit 2 bad input, 3 nothing fits or out of GPU "
+        "memory, 4 environment missing, 5 verification failed.",
     )
     parser.add_argument(
         "--out", default="deploy-out", type=Path, help="deployment folder (default ./deploy-out)"
@@ -58,6 +60,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="after an out-of-memory load, re-plan with half the context and retry once",
     )
+    parser.add_argument(
+        "--no-kl",
+        action="store_true",
+        help="skip the deployment reference and the KL spot-check (verify then checks liveness, "
+        "readiness and function only)",
+    )
     parser.add_argument("--yes", "-y", action="store_true", help="deploy the plan without asking")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
     parser.set_defaults(run=run)
@@ -84,15 +92,19 @@ def run(args: argparse.Namespace) -> int:
             skip_build=args.skip_build,
             ready_timeout_s=args.ready_timeout,
             retry_smaller=args.retry_smaller,
+            no_kl=args.no_kl,
         )
         dep = run_auto(request, Progress(quiet=args.json), outcome, lambda *shown: _confirm(args, *shown))
     except ToolkitError as error:
         if args.json:
             emit_json({**outcome, "error": error.line(), "exit_code": error.exit_code})
+        elif outcome.get("verify"):
+            print_checks(outcome["verify"], passed=False)
         raise
     if args.json:
         emit_json(outcome)
     elif dep is not None:
+        print_checks(outcome["verify"], passed=True)
         print(endpoint_summary(dep))
     return 0 if dep is not None else 1
 

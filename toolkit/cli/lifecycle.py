@@ -66,8 +66,12 @@ def register(subparsers: Any) -> None:
     status = common(
         "status",
         "container state, health, served model, GPU memory vs plan",
-        "Show the deployment's container, /health, /v1/model and per-GPU memory from NVML against the "
-        "plan's prediction.",
+        "Show the deployment's container, /health, /v1/model, per-GPU memory from NVML against the "
+        "plan's prediction, and the stored deployment reference (current or stale); --kl also runs the KL "
+        "spot-check against it (drift after restarts or upgrades; `deploy verify --out` exits 5 on it).",
+    )
+    status.add_argument(
+        "--kl", action="store_true", help="run the KL spot-check against the stored deployment reference"
     )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(run=run_status)
@@ -171,7 +175,7 @@ def run_status(args: argparse.Namespace) -> int:
     from ..deploy import engine
 
     dep = load_deployment(args.out)
-    data = status_data(dep, engine.connect())
+    data = status_data(dep, engine.connect(), kl=args.kl)
     if args.json:
         emit_json(data)
         return 0
@@ -202,6 +206,19 @@ def run_status(args: argparse.Namespace) -> int:
                 f"  GPU {row['index']} {row['name'] or '?'}: {row['used_mib']} MiB used now, "
                 f"{row['planned_mib']} MiB planned"
             )
+    reference = data["reference"]
+    if reference is None:
+        print(f"  reference: none (`deploy reference deployment --out {dep.out_dir}` makes one)")
+    else:
+        current = {True: "current", False: "STALE (model, image or code changed)", None: "currency unknown"}
+        print(
+            f"  reference: {reference['path']} ({reference['positions']} positions, {reference['created']}, "
+            f"{current[reference['current']]})"
+        )
+    if data["kl"] is not None:
+        print(f"  kl: {'PASS' if data['kl']['passed'] else 'FAIL'} {data['kl']['detail']}")
+    elif args.kl:
+        print("  kl: not run (needs a running server and a stored reference)")
     return 0
 
 

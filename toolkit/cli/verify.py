@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OK, EXIT_VERIFY_FAILED, BadInput
+from .views import print_checks
 
 
 def register(subparsers: Any) -> None:
@@ -17,9 +18,18 @@ def register(subparsers: Any) -> None:
         help="check a live TabbyAPI endpoint: health, readiness, chat, KL spot-check",
         description="Liveness (/health), readiness (/v1/model: model id, cache mode, context), function (a chat "
         "completion; reasoning arrives as reasoning_content), and with --reference a KL spot-check of "
-        "teacher-forced next-token distributions. Exit 0 when all pass, 5 when any fails.",
+        "teacher-forced next-token distributions. With --out DIR (a deployment folder) the URL, key, "
+        "expectations and the deployment reference come from that folder. Exit 0 when all pass, 5 when any "
+        "fails.",
     )
-    parser.add_argument("--url", required=True, help="the endpoint, e.g. http://127.0.0.1:5000")
+    parser.add_argument(
+        "--url", help="the endpoint, e.g. http://127.0.0.1:5000 (default with --out: the deployment's)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="a deployment folder (`deploy auto`/`render`): its URL, API key, plan and stored reference",
+    )
     parser.add_argument(
         "--api-key-file", help="a file with the key, or TabbyAPI's api_tokens.yml (default: $DEPLOY_API_KEY)"
     )
@@ -51,12 +61,33 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, split=None)
+
+
+def _from_deployment(args: argparse.Namespace) -> Any:
+    """Fill what the deployment folder knows into args (flags given win); the stored reference, if any."""
+    from ..deploy.deployment import load_deployment
+    from ..deploy.reference_step import reference_path
+    from ..verify.reference import load_reference
+
+    dep = load_deployment(args.out)
+    args.url = args.url or dep.url
+    args.api_key_file = args.api_key_file or str(dep.api_tokens)
+    args.expect_model = args.expect_model or dep.model_folder
+    args.expect_cache_mode = args.expect_cache_mode or dep.plan.cache_mode
+    args.expect_context = args.expect_context or dep.plan.context
+    args.expect_quant = args.expect_quant or dep.plan.quant
+    args.profile = dep.plan.profile
+    args.split = dep.plan.split
+    path = reference_path(dep)
+    return load_reference(path) if path.is_file() else None
 
 
 def _validate(args: argparse.Namespace) -> None:
     from ..verify.client import check_url
 
+    if args.url is None:
+        raise BadInput("verify needs --url or --out", "e.g. --url http://127.0.0.1:5000, or --out deploy-out")
     check_url(args.url)
     if args.max_kl is not None and not (math.isfinite(args.max_kl) and args.max_kl >= 0):
         raise BadInput(f"--max-kl must be a non-negative number, got {args.max_kl}")
@@ -70,16 +101,23 @@ def _validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything local first (exit 2), then run the checks (exit 5 on any failure)."""
-    from ..output import console, emit_json, status_console
+    from ..output import emit_json, status_console
     from ..verify.checks import VerifyRequest, run_verify
     from ..verify.client import read_api_key
     from ..verify.readiness import Expectations
     from ..verify.reference import load_reference
     from ..verify.report import report_dict, write_junit
 
+    stored = _from_deployment(args) if args.out is not None else None
     _validate(args)
     api_key = read_api_key(args.api_key_file)
-    reference = load_reference(args.reference) if args.reference else None
+    reference = load_reference(args.reference) if args.reference else stored
+    if reference is None and args.out is not None:
+        status_console().print(
+            f"note: {args.out} holds no deployment reference: no KL spot-check "
+            f"(`deploy reference deployment --out {args.out}` makes one)",
+            markup=False,
+        )
     if args.expect_quant or (
         reference is not None and reference.kind == "full_precision" and args.max_kl is None
     ):
@@ -100,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         profile=args.profile,
         wait_s=args.wait,
+        split=args.split,
         expect=Expectations(
             model_id=args.expect_model,
             cache_mode=args.expect_cache_mode,
@@ -110,14 +149,9 @@ def run(args: argparse.Namespace) -> int:
     report = run_verify(request)
     if args.junit:
         write_junit(report, args.junit)
+    data = report_dict(report)
     if args.json:
-        emit_json(report_dict(report))
+        emit_json(data)
     else:
-        out = console()
-        for check in report.checks:
-            mark = (
-                "[green]PASS[/]" if check.passed else ("[yellow]SKIP[/]" if check.skipped else "[red]FAIL[/]")
-            )
-            out.print(f"{mark} {check.name:<10} {check.detail}", markup=True)
-        out.print("all checks passed" if report.passed else "verification FAILED")
+        print_checks(data["checks"], report.passed)
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED

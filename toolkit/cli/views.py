@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..detect.inventory import GpuInventory
 from ..facts.profiles import ModelProfile
@@ -169,3 +169,20 @@ def _bound_note(bounds: tuple[DecodeBound, ...], plan: Plan) -> str:
         f"decode bound: {ASSUMPTIONS}.\n"
         f"  the plan at its {plan.context} tokens{others}; - = does not fit{missing}"
     )
+
+
+def print_checks(checks: list[dict[str, Any]], passed: bool) -> None:
+    """The verify report as people read it: PASS/FAIL/SKIP per check, then the verdict (stdout)."""
+    from rich.markup import escape
+
+    from ..output import console
+
+    out = console()
+    for check in checks:
+        mark = (
+            "[green]PASS[/]"
+            if check["passed"]
+            else ("[yellow]SKIP[/]" if check.get("skipped") else "[red]FAIL[/]")
+        )
+        out.print(f"{mark} {escape(check['name']):<10} {escape(check['detail'])}", markup=True)
+    out.print("all checks passed" if passed else "verification FAILED")

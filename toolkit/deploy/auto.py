@@ -1,8 +1,10 @@
-"""`deploy auto`'s pipeline: detect -> plan (confirmed) -> render -> preflight -> fetch-model -> build -> up -> verify.
+"""`deploy auto`'s pipeline: detect -> plan (confirmed) -> render -> preflight -> fetch-model -> build -> reference ->
+up -> verify (with the KL spot-check against the reference).
 
-Every step is the same function the single-step commands run (steps.py); re-running converges. The caller (the
-CLI) shows the plan and asks for confirmation through a callback, and reads how far the pipeline got from the
-outcome dict, which run_auto fills in as it goes (also when a stage fails).
+Every step is the same function the single-step commands run (steps.py, reference_step.py); re-running converges
+(an unchanged deployment reuses its reference). The caller (the CLI) shows the plan and asks for confirmation
+through a callback, and reads how far the pipeline got from the outcome dict, which run_auto fills in as it goes
+(also when a stage fails).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from ..errors import VerificationFailed
 from ..facts.profiles import ModelProfile
 from ..output import Progress
 from ..plan.plan import Plan, PlanRequest
+from ..verify.report import report_dict
 from .deployment import Deployment, endpoint_summary, load_deployment
-from .steps import build_step, fetch_step, publishes, up_step
+from .reference_step import describe, reference_step
+from .steps import build_step, fetch_step, publishes, up_step, verify_step
 
 Confirm = Callable[[Plan, ModelProfile, GpuInventory, PlanRequest], bool]
 
@@ -40,6 +44,7 @@ class AutoRequest:
     skip_build: bool
     ready_timeout_s: float | None
     retry_smaller: bool
+    no_kl: bool = False  # skip the deployment reference and the KL spot-check
 
 
 def run_auto(
@@ -104,6 +109,20 @@ def run_auto(
         built = build_step(dep, client, progress)
         outcome["image"] = {"tag": built.tag, "id": built.id, "reused": built.reused}
 
+    reference = None
+    if request.no_kl:
+        outcome["reference"] = {"skipped": "--no-kl"}
+        progress.warn(
+            "--no-kl: no deployment reference and no KL spot-check; verify checks liveness, readiness and "
+            "function only (`deploy reference deployment` makes the reference later)"
+        )
+    else:
+        outcome["stage"] = "reference"
+        made = reference_step(dep, client, progress, gpu=not request.cpu_only)
+        (progress.warn if made.test_double else progress.note)(describe(made))
+        outcome["reference"] = made.to_dict()
+        reference = made.reference
+
     outcome["stage"] = "up"
     result = up_step(
         dep,
@@ -122,33 +141,16 @@ def run_auto(
     )
 
     outcome["stage"] = "verify"
-    outcome["verify"] = _verify(dep)
-    outcome.update(ok=True, stage="done", curl=endpoint_summary(dep).splitlines()[-1].removeprefix("try: "))
-    return dep
-
-
-def _verify(dep: Deployment) -> list[dict[str, Any]]:
-    """Liveness, readiness and function checks of the verify helper against the planned model."""
-    from ..verify.checks import VerifyRequest, run_verify
-    from ..verify.client import read_api_key
-    from ..verify.readiness import Expectations
-
-    expect = Expectations(
-        model_id=dep.model_folder,
-        cache_mode=dep.plan.cache_mode,
-        context=dep.plan.context,
-        quant=dep.plan.quant,
-    )
-    report = run_verify(
-        VerifyRequest(
-            url=dep.url, api_key=read_api_key(str(dep.api_tokens)), expect=expect, profile=dep.plan.profile
-        )
-    )
-    checks = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in report.checks]
+    report = verify_step(dep, reference)
+    outcome["verify"] = [
+        {"name": c.name, "passed": c.passed, "detail": c.detail, "skipped": c.skipped} for c in report.checks
+    ]
+    outcome["kl"] = report_dict(report)["kl"]
     if not report.passed:
         failed = next(c for c in report.checks if not c.passed)
         raise VerificationFailed(
             f"verification failed: {failed.name}: {failed.detail}",
-            f"see `deploy logs --out {dep.out_dir}` and `deploy verify`",
+            f"see `deploy logs --out {dep.out_dir}` and `deploy verify --out {dep.out_dir}`",
         )
-    return checks
+    outcome.update(ok=True, stage="done", curl=endpoint_summary(dep).splitlines()[-1].removeprefix("try: "))
+    return dep

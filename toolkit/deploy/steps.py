@@ -218,6 +218,32 @@ def _image_cuda(dep: Deployment) -> str | None:
         return None
 
 
+def verify_step(dep: Deployment, reference: Any = None, wait_s: float = 0.0) -> Any:
+    """The verify checks against the planned model; with a reference also the tokenizer and KL checks, whose
+    threshold for the deployment reference is the serving-path bound of the planned cache mode and split."""
+    from ..verify.checks import VerifyRequest, run_verify
+    from ..verify.client import read_api_key
+    from ..verify.readiness import Expectations
+
+    expect = Expectations(
+        model_id=dep.model_folder,
+        cache_mode=dep.plan.cache_mode,
+        context=dep.plan.context,
+        quant=dep.plan.quant,
+    )
+    return run_verify(
+        VerifyRequest(
+            url=dep.url,
+            api_key=read_api_key(str(dep.api_tokens)),
+            expect=expect,
+            reference=reference,
+            profile=dep.plan.profile,
+            split=dep.plan.split,
+            wait_s=wait_s,
+        )
+    )
+
+
 def container_name(dep: Deployment) -> str:
     """The deployment's container: the one `up` recorded, else the name `up` would give it."""
     from . import state
@@ -226,11 +252,14 @@ def container_name(dep: Deployment) -> str:
     return record.container_name if record else state.default_container_name(dep.out_dir)
 
 
-def status_data(dep: Deployment, client: Any) -> dict[str, Any]:
-    """Container state, health, the served model, and GPU memory per device (NVML) against the plan."""
+def status_data(dep: Deployment, client: Any, kl: bool = False) -> dict[str, Any]:
+    """Container state, health, the served model, GPU memory per device (NVML) against the plan, the stored
+    reference; with kl, the KL spot-check of the running server against that reference (drift)."""
     from ..verify.client import ServerError, TabbyClient, read_api_key
+    from ..verify.report import report_dict
     from . import engine
     from .diagnose import diagnose
+    from .reference_step import reference_status, stored_reference
 
     name = container_name(dep)
     container = engine.find_container(client, name)
@@ -285,6 +314,17 @@ def status_data(dep: Deployment, client: Any) -> dict[str, Any]:
                 except ServerError as error:
                     data["model"] = {"error": str(error)}
     data["gpus"], data["nvml"] = _gpu_memory(dep.plan)
+    data["reference"] = reference_status(dep, client)
+    data["kl"] = None
+    reference = stored_reference(dep) if kl else None
+    if reference is not None and container is not None and data["state"] == "running":
+        report = verify_step(dep, reference)
+        kl_check = next((c for c in report.checks if c.name == "kl"), None)
+        data["kl"] = {
+            **(report_dict(report)["kl"] or {}),
+            "passed": bool(kl_check and kl_check.passed),
+            "detail": kl_check.detail if kl_check else "not run",
+        }
     return data
 
 
@@ -320,8 +360,9 @@ def _gpu_memory(plan: Plan) -> tuple[list[dict[str, Any]] | None, str]:
 
 
 def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> dict[str, Any]:
-    """Remove the container; keep models and keys unless purge (then the model folder and key file go too)."""
+    """Remove the container; keep models, keys and the reference unless purge (then they go too)."""
     from . import engine, state
+    from .reference_step import reference_path
 
     name = container_name(dep)
     container = engine.find_container(client, name)
@@ -343,10 +384,14 @@ def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> 
         if dep.api_tokens.is_file():
             dep.api_tokens.unlink()
             purged.append(str(dep.api_tokens))
+        if reference_path(dep).is_file():
+            reference_path(dep).unlink()
+            purged.append(str(reference_path(dep)))
         for path in purged:
             progress.note(f"purged {path}")
     else:
         progress.note(
-            f"kept the model ({dep.model_dir}) and the API key ({dep.api_tokens}); --purge removes them"
+            f"kept the model ({dep.model_dir}), the API key ({dep.api_tokens}) and the deployment reference; "
+            "--purge removes them"
         )
     return {"removed": removed, "purged": purged}
