@@ -115,6 +115,10 @@ def test_classes_land_on_their_nodes_with_their_gpus_and_cluster_verify_passes(s
     assert {t["node"] for t in replicas} == {n.address for n in site.cluster.nodes}
     assert [t["kind"] for t in data["targets"]].count("endpoint") == 1
     assert {t["report"]["model"]["id"] for t in data["targets"]} == {"8bpw_H8"}
+    # The class with two replicas: found through the manager, compared with each other at every position.
+    (consistency,) = data["consistency"]
+    assert consistency["class"] == "1x400gib" and consistency["passed"] and len(consistency["replicas"]) == 2
+    assert consistency["pairs"][0]["positions"] == 159 and consistency["pairs"][0]["agree"]
     assert httpx.get(f"{site.endpoint}/v1/model", timeout=5).status_code == 401  # the key is required
 
 

@@ -29,7 +29,10 @@ def register(subparsers: Any) -> None:
     render = commands.add_parser(
         "render", help="write the Swarm stack, gateway, image contexts and per-host compose files"
     )
-    verify = commands.add_parser("verify", help="verify every replica and the shared endpoint")
+    verify = commands.add_parser(
+        "verify",
+        help="verify every replica and the shared endpoint; replicas of a class must agree with each other",
+    )
     for sub in (plan, render, verify):
         sub.add_argument("--inventory", required=True, type=Path, metavar="FLEET_YAML", help="the fleet file")
     for sub in (plan, render):
@@ -49,6 +52,11 @@ def register(subparsers: Any) -> None:
         "answers on every node)",
     )
     verify.add_argument("--no-endpoint", action="store_true", help="verify only the replicas")
+    verify.add_argument(
+        "--no-consistency",
+        action="store_true",
+        help="skip comparing the replicas of each class with each other (one KL spot-check per replica)",
+    )
     verify.add_argument(
         "--api-key-file",
         help="api_tokens.yml of the rendered folder, or a key file (default: $DEPLOY_API_KEY)",
@@ -226,7 +234,14 @@ def run_verify(args: argparse.Namespace) -> int:
             f"{os.environ.get('DOCKER_HOST') or 'the local engine'} ...",
             markup=False,
         )
-    report = verify_cluster(fleet_plan, url, api_key, client=_engine_or_none(), wait_s=args.wait)
+    report = verify_cluster(
+        fleet_plan,
+        url,
+        api_key,
+        client=_engine_or_none(),
+        wait_s=args.wait,
+        consistency=not args.no_consistency,
+    )
     if args.junit:
         write_junit(report, args.junit)
     if args.json:
@@ -240,5 +255,14 @@ def run_verify(args: argparse.Namespace) -> int:
             failed = [f"{c.name}: {c.detail}" for c in single.checks if not c.passed]
             detail = f" -- {'; '.join(failed)}" if failed else ""
             out.print(f"{mark} {escape(f'{target.kind} {target.name} {target.url}{detail}')}")
+        for result in report.consistency:
+            worst = max((p.mean for p in result.pairs), default=0.0)
+            summary = (
+                f"consistency class {result.class_name}: {len(result.replicas)} replicas, largest pairwise KL "
+                f"{worst:.4g}, bound {result.bound:.4g}"
+            )
+            out.print(f"{'[green]PASS[/]' if result.passed else '[red]FAIL[/]'} {escape(summary)}")
+            for name, reason in {**result.named, **result.skipped}.items():
+                out.print(f"  {escape(f'{name}: {reason}')}")
         out.print("all replicas and the endpoint passed" if report.passed else "cluster verification FAILED")
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED

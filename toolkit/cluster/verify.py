@@ -1,8 +1,10 @@
-"""`cluster verify`: the single-server verification against every replica and against the shared endpoint.
+"""`cluster verify`: the single-server verification against every replica and against the shared endpoint, and
+the replicas of each class against each other (consistency.py: no reference needed).
 
 Replicas are found through a Swarm manager's engine: each running task of a class's service, at its node's
 address and the port Swarm published for it in host mode. Without a manager (or for nodes the engine does not
-know), a node's `url` from fleet.yaml is used. A class with fewer running replicas than planned fails.
+know), a node's `url` from fleet.yaml is used. A class with fewer running replicas than planned fails, and so does
+a replica whose distributions disagree with its class's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..atomic import write_text
 from ..errors import EnvironmentMissing
 from ..facts.runtime import CONTAINER_PORT
 from ..render.config import model_folder
+from .consistency import ClassConsistency
 from .fleet_plan import FleetPlan, NodeClass
 from .stack import GATEWAY_SERVICE
 
@@ -37,11 +40,17 @@ class ClusterReport:
 
     targets: list[tuple[Target, Any]] = field(default_factory=list)  # (target, VerifyReport)
     problems: list[str] = field(default_factory=list)
+    consistency: list[ClassConsistency] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        """Every target passed and nothing was missing."""
-        return not self.problems and bool(self.targets) and all(r.passed for _, r in self.targets)
+        """Every target passed, nothing was missing, every class's replicas agree."""
+        return (
+            not self.problems
+            and bool(self.targets)
+            and all(r.passed for _, r in self.targets)
+            and all(c.passed for c in self.consistency)
+        )
 
 
 def _node_address(client: Any, node_id: str, cache: dict[str, str]) -> str:
@@ -147,9 +156,10 @@ def verify_cluster(
     client: Any = None,
     wait_s: float = 0.0,
     timeout_s: float = 60.0,
+    consistency: bool = True,
 ) -> ClusterReport:
     """Discover replicas (engine, else inventory urls), then run the single-server checks on each and on the
-    endpoint."""
+    endpoint, then compare the replicas of each class with each other (unless consistency is False)."""
     from ..verify.checks import VerifyRequest, run_verify
 
     report = ClusterReport()
@@ -177,7 +187,29 @@ def verify_cluster(
             timeout_s=timeout_s,
         )
         report.targets.append((target, run_verify(request)))
+    if consistency:
+        for node_class in fleet_plan.classes:
+            replicas = [
+                t for t, _ in report.targets if t.kind == "replica" and t.class_name == node_class.name
+            ]
+            if len(replicas) >= 2:
+                report.consistency.append(class_consistency(node_class, replicas, api_key, timeout_s))
     return report
+
+
+def class_consistency(
+    node_class: NodeClass, replicas: list[Target], api_key: str | None, timeout_s: float
+) -> ClassConsistency:
+    """Sample every replica of the class at the shipped prompts' positions and compare them pairwise."""
+    from ..verify.checks import serving_path_threshold
+    from ..verify.reference import load_prompts
+    from .consistency import compare, sample_replicas
+
+    bound, source = serving_path_threshold(node_class.plan.cache_mode, node_class.plan.split)
+    samples = sample_replicas(
+        [(t.name, t.url) for t in replicas], api_key, load_prompts(), timeout_s=timeout_s
+    )
+    return compare(node_class.name, samples, bound, source)
 
 
 def report_dict(report: ClusterReport) -> dict[str, Any]:
@@ -187,6 +219,7 @@ def report_dict(report: ClusterReport) -> dict[str, Any]:
     return {
         "passed": report.passed,
         "problems": report.problems,
+        "consistency": [c.as_dict() for c in report.consistency],
         "targets": [
             {
                 "kind": t.kind,
@@ -208,6 +241,8 @@ def write_junit(report: ClusterReport, path: Path) -> None:
     root = ET.Element("testsuites", name="deploy cluster verify")
     for target, single in report.targets:
         root.append(junit_suite(single, f"deploy cluster verify {target.kind} {target.name}"))
+    for result in report.consistency:
+        root.append(_consistency_suite(result))
     suite = ET.SubElement(
         root,
         "testsuite",
@@ -223,3 +258,24 @@ def write_junit(report: ClusterReport, path: Path) -> None:
             case, "failure", message="; ".join(report.problems), type="VerificationFailed"
         ).text = "\n".join(report.problems)
     write_text(path, junit_document(root))
+
+
+def _consistency_suite(result: ClassConsistency) -> ET.Element:
+    """A testsuite per class: a testcase per replica, failed with the reason when it is named."""
+    suite = ET.Element(
+        "testsuite",
+        name=f"deploy cluster verify consistency {result.class_name}",
+        tests=str(len(result.replicas)),
+        failures=str(len(result.named)),
+        errors="0",
+        skipped=str(len(result.skipped)),
+    )
+    for name in result.replicas:
+        case = ET.SubElement(suite, "testcase", classname="deploy.cluster.consistency", name=name)
+        if name in result.named:
+            ET.SubElement(
+                case, "failure", message=result.named[name], type="VerificationFailed"
+            ).text = result.named[name]
+        elif name in result.skipped:
+            ET.SubElement(case, "skipped", message=result.skipped[name])
+    return suite

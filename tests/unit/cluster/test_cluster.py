@@ -457,7 +457,9 @@ def test_cluster_verify_checks_every_replica_and_the_endpoint(tmp_path, capsys, 
         assert data["passed"] and [t["kind"] for t in data["targets"]] == ["replica", "replica", "endpoint"]
         import xml.etree.ElementTree as ET
 
-        assert len(ET.parse(junit).getroot().findall("testsuite")) == 4
+        names = [suite.get("name") for suite in ET.parse(junit).getroot().findall("testsuite")]
+        assert len(names) == 5 and any(n.startswith("deploy cluster verify consistency") for n in names)
+        assert data["consistency"][0]["passed"] and data["consistency"][0]["replicas"] == ["a", "b"]
         bad = _fleet(tmp_path, fleet_text.replace("URL_A", a.url).replace("URL_B", wrong.url), "bad.yaml")
         assert (
             main(
@@ -488,3 +490,94 @@ def test_cluster_verify_without_key_or_engine_is_a_clear_error(tmp_path, capsys,
     monkeypatch.setenv("DEPLOY_API_KEY", "k" * 32)
     assert main(["cluster", "verify", "--inventory", str(path)]) == 4
     assert os.environ["DEPLOY_API_KEY"] not in capsys.readouterr().err
+
+
+def test_cluster_verify_names_the_replica_whose_distributions_disagree(tmp_path, capsys, monkeypatch):
+    """Three replicas of one class, all reporting the planned model, cache mode and context; one computes with
+    other weights (4 instead of 8 bits). Only the replicas' comparison with each other can name it."""
+    import xml.etree.ElementTree as ET
+
+    from tests.tabby_test_server import testing
+
+    monkeypatch.setattr("toolkit.cli.cluster._engine_or_none", lambda: None)
+    nodes = ("a", "b", "c")
+    text = "nodes:\n" + "".join(f"  - {{name: {n}, gpus: 1x400GiB, url: URL_{n}}}\n" for n in nodes)
+    placeholder = text
+    for name in nodes:
+        placeholder = placeholder.replace(f"URL_{name}", "http://127.0.0.1:1")
+    plan = plan_fleet(load_fleet(_fleet(tmp_path, placeholder)), PROFILE)
+    node_class = plan.classes[0]
+    model = {
+        "model_name": node_class.plan.quant,
+        "max_seq_len": node_class.plan.context,
+        "cache_size": node_class.plan.cache_size,
+        "cache_mode": node_class.plan.cache_mode,
+        "reasoning": True,
+    }
+    servers = {}
+    try:
+        for name, bits in (("a", 8), ("b", 8), ("c", 4)):
+            (tmp_path / name).mkdir()
+            servers[name] = testing.start(tmp_path / name, model=model, test_server={"bits": bits})
+        fleet = text
+        for name, server in servers.items():
+            fleet = fleet.replace(f"URL_{name}", server.url)
+        key_file = tmp_path / "key"
+        key_file.write_text(servers["a"].api_key)
+        junit = tmp_path / "junit.xml"
+        args = [
+            "cluster",
+            "verify",
+            "--inventory",
+            str(_fleet(tmp_path, fleet, "three.yaml")),
+            "--no-endpoint",
+        ]
+        code = main([*args, "--api-key-file", str(key_file), "--json", "--junit", str(junit)])
+        data = json.loads(capsys.readouterr().out)
+        assert code == 5 and not data["passed"]
+        assert all(t["report"]["passed"] for t in data["targets"])  # each replica alone looks right
+        (result,) = data["consistency"]
+        assert result["class"] == node_class.name and list(result["named"]) == ["c"]
+        assert "disagrees with the 2 agreeing replicas" in result["named"]["c"]
+        pairs = {(p["a"], p["b"]): p for p in result["pairs"]}
+        assert pairs[("a", "b")]["agree"] and pairs[("a", "b")]["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+        assert pairs[("a", "b")]["positions"] == 159
+        assert pairs[("a", "c")]["mean_kl"] > result["bound"] and not pairs[("b", "c")]["agree"]
+        suite = next(
+            s for s in ET.parse(junit).getroot() if s.get("name").endswith(f"consistency {node_class.name}")
+        )
+        failed = [case.get("name") for case in suite if case.find("failure") is not None]
+        assert failed == ["c"] and suite.get("tests") == "3"
+
+        assert main([*args, "--api-key-file", str(key_file), "--no-consistency"]) == 0
+        capsys.readouterr()
+        two = fleet.replace(f"  - {{name: c, gpus: 1x400GiB, url: {servers['c'].url}}}\n", "")
+        two_args = [
+            "cluster",
+            "verify",
+            "--inventory",
+            str(_fleet(tmp_path, two, "two.yaml")),
+            "--no-endpoint",
+        ]
+        assert main([*two_args, "--api-key-file", str(key_file)]) == 0
+        assert "PASS consistency class" in capsys.readouterr().out
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_two_disagreeing_replicas_are_both_named():
+    """No majority: neither can be trusted over the other."""
+    from toolkit.cluster.consistency import ReplicaSample, compare
+
+    one = ReplicaSample("x", "http://x", "probe", ([("a", -0.1), ("b", -2.4)],))
+    other = ReplicaSample("y", "http://y", "probe", ([("b", -0.1), ("a", -2.4)],))
+    result = compare("k", [one, other], bound=0.01, source="test")
+    assert not result.passed and set(result.named) == {"x", "y"} and "no majority" in result.named["x"]
+    down = ReplicaSample("z", "http://z", None, (), error="cannot reach http://z")
+    assert compare("k", [one, one.__class__("w", "http://w", "probe", one.positions), down], 0.01, "t").passed
+    other_tokenizer = ReplicaSample("t", "http://t", "another", one.positions)
+    named = compare(
+        "k", [one, ReplicaSample("w", "http://w", "probe", one.positions), other_tokenizer], 0.01, "t"
+    )
+    assert list(named.named) == ["t"] and "tokenizer" in named.named["t"]
