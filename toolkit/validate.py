@@ -31,6 +31,12 @@ GIT_URL = re.compile(r"^(?:https://|file:///|/)[A-Za-z0-9._~/:@+-]{1,300}$")
 # dotenv/YAML/shell parser treats specially. Spaces are allowed (values are single-quoted in .env).
 HOST_PATH = re.compile(r"^/[A-Za-z0-9._/+@,=~ -]{0,4000}$")
 CACHE_MODE = re.compile(r"^([2-8]),([2-8])$")
+# A released package version as pip reports it ("1.6.5", "2.9.0+cu128"): digits, dots, one local label.
+PACKAGE_VERSION = re.compile(r"^[0-9]{1,4}(?:\.[0-9]{1,4}){1,3}(?:\+[a-z0-9]{1,20})?$")
+# https URLs of package indexes and wheels: no quotes, spaces, '$' or anything a shell or YAML would act on.
+HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]{1,253}(?:/[A-Za-z0-9._~%+-]{1,200}){0,20}/?$")
+# A requirement as pip takes it on a command line: a name with an optional lower bound ("numpy>=2.1.0").
+REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(?:>=[0-9][0-9.]{0,30})?$")
 
 
 def _shown(value: object) -> str:
@@ -167,3 +173,26 @@ def finite_number(value: object, what: str, low: float = 0.0, high: float = 1e7)
     ):
         raise BadInput(f"{what} {_shown(value)} is not a number in [{low}, {high}]", "fix the plan")
     return float(value)
+
+
+def package_version(value: str, what: str) -> str:
+    """A release version such as 1.6.5 or 2.9.0+cu128 (the stack's exllamav3 and torch)."""
+    if not isinstance(value, str) or not PACKAGE_VERSION.match(value):
+        raise BadInput(
+            f"{what} {_shown(value)} is not a package version like 1.6.5", "give a released version"
+        )
+    return value
+
+
+def https_url(value: str, what: str) -> str:
+    """An https:// URL of a package index or a wheel, with no shell-active characters."""
+    if not isinstance(value, str) or not HTTPS_URL.match(value) or ".." in value:
+        raise BadInput(f"{what} {_shown(value)} is not a safe https URL", "fix the data file")
+    return value
+
+
+def requirement(value: str, what: str) -> str:
+    """A pip requirement: a package name, optionally with a >= lower bound."""
+    if not isinstance(value, str) or not REQUIREMENT.match(value):
+        raise BadInput(f"{what} {_shown(value)} is not a package requirement", "e.g. numpy>=2.1.0")
+    return value

@@ -293,12 +293,13 @@ def fit_terms(results: dict[str, Any], rows: list[GpuRow]) -> dict[str, float]:
     }
 
 
-def slice_profile() -> ModelProfile:
-    """glm-4.7-slice.yaml with profiles/glm-4.7.yaml's memory_overhead: the planner's view of the slice."""
+def slice_profile(exllamav3: str) -> ModelProfile:
+    """glm-4.7-slice.yaml with profiles/glm-4.7.yaml's memory terms for that exllamav3 version: the planner's view."""
     data = yaml.safe_load((HERE / "glm-4.7-slice.yaml").read_text())
     glm = yaml.safe_load((ROOT / "profiles/glm-4.7.yaml").read_text())
-    data["memory_overhead"] = copy.deepcopy(glm["memory_overhead"])
-    return parse_profile(data, HERE / "glm-4.7-slice.yaml")
+    for section in ("memory_overhead", "uncalibrated_margin"):
+        data[section] = copy.deepcopy(glm[section])
+    return parse_profile(data, HERE / "glm-4.7-slice.yaml").with_calibration(exllamav3)
 
 
 def predict(profile: ModelProfile, row_cfg: dict[str, Any]) -> memory.Placement:
@@ -351,12 +352,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
     parser.add_argument("--write", type=Path, help="write the comparison table (markdown) to this file")
+    parser.add_argument(
+        "--exllamav3", default="1.6.5", help="the exllamav3 version the results were measured with (1.6.5)"
+    )
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     rows = gpu_rows(results)
     terms = fit_terms(results, rows)
     print("fitted terms:", json.dumps(terms))
-    profile = slice_profile()
+    profile = slice_profile(args.exllamav3)
     used = profile.memory_overhead
     differ = {
         k: (v, getattr(used, k)) for k, v in terms.items() if not k.startswith("_") and getattr(used, k) != v

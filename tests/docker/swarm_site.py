@@ -182,7 +182,8 @@ def swarm_site(client: Any, base_image: str, tools_image: str, root: Path) -> It
     images = {"tabby": f"glmdt-swarm-tabby:{token}", "gateway": f"glmdt-swarm-gateway:{token}"}
     cluster = SwarmCluster([MANAGER_GPUS, WORKER_GPUS])
     try:
-        build_test_server_image(client, images["tabby"], base_image)
+        (root / "tabby-image").mkdir(parents=True, exist_ok=True)
+        build_test_server_image(client, images["tabby"], base_image, root / "tabby-image")
         build_gateway_image(client, images["gateway"], tools_image)
         try:
             cluster.start()

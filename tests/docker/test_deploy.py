@@ -27,7 +27,7 @@ import pytest
 from docker.errors import APIError, ImageNotFound
 
 from tests.fake_hf_hub import FakeHub, FakeRepo
-from tests.tabby_test_server.image import CONTEXT_DIR
+from tests.tabby_test_server.image import prepare_context
 from tests.tabby_test_server.testing import free_port
 from toolkit.deploy import compose_spec, engine, state
 from toolkit.deploy.deployment import load_deployment
@@ -50,10 +50,16 @@ QUANT = (
 
 
 @pytest.fixture(scope="session")
-def tabby_image(docker_client, test_base_image) -> Iterator[str]:
+def tabby_context(tmp_path_factory) -> Path:
+    """The test server's build context, with the pinned stack's test-double metadata (image.py)."""
+    return prepare_context(tmp_path_factory.mktemp("tabby-image") / "context")
+
+
+@pytest.fixture(scope="session")
+def tabby_image(docker_client, test_base_image, tabby_context) -> Iterator[str]:
     """The test server image, built once through engine.build_image (streamed; reused when its hash label matches)."""
     tag = f"glmdt-deploy-tabby:{secrets.token_hex(4)}"
-    built = engine.build_image(docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image})
+    built = engine.build_image(docker_client, tabby_context, tag, buildargs={"BASE": test_base_image})
     yield built.id
     for _ in range(20):  # a container being removed still holds the image for a moment
         try:
@@ -362,12 +368,14 @@ def test_auto_fails_with_exit_5_when_the_server_serves_other_weights_than_the_re
     assert json.loads(later.stdout)["kl"]["mean"] > 10 * json.loads(later.stdout)["kl"]["threshold"]
 
 
-def test_build_reuses_an_image_with_the_same_hash(docker_client, tabby_image, test_base_image) -> None:
+def test_build_reuses_an_image_with_the_same_hash(
+    docker_client, tabby_image, tabby_context, test_base_image
+) -> None:
     tag = f"glmdt-deploy-tabby:{secrets.token_hex(4)}"
     lines: list[str] = []
     try:
         again = engine.build_image(
-            docker_client, CONTEXT_DIR, tag, buildargs={"BASE": test_base_image}, on_line=lines.append
+            docker_client, tabby_context, tag, buildargs={"BASE": test_base_image}, on_line=lines.append
         )
         assert again.reused and again.id == tabby_image and not lines  # no build ran
         assert tag in docker_client.images.get(tabby_image).tags

@@ -1,8 +1,9 @@
 """Rendered files against the real tools.
 
 Docker Compose v2 parses every compose.yaml, and the Docker engine builds the rendered Dockerfile -- the same
-template -- through everything that needs no network (clone, PR #295 merge, parser check, user, labels, health
-check); only the apt and pip steps are skipped (INSTALL_DEPS=0)."""
+template -- through everything that needs no network (clone, PR #295 merge, parser check, the stack's version
+check, user, labels, health check); only the apt and pip steps are skipped (INSTALL_DEPS=0), so the fixture base
+image carries metadata-only exllamav3/torch dist-info (TEST DOUBLES) for the version check to read."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import docker.errors
 import pytest
 import yaml
 
+from tests.tabby_test_server.image import write_stack_doubles
 from tests.unit.render.render_plans import SERVING, make_plan
 from tests.unit.render.tabby_fixture import build_tabby_fixture
 from toolkit.render.bundle import RenderOptions, render_bundle
@@ -137,19 +139,36 @@ def built(docker_client, test_base_image, tmp_path_factory):
     context.mkdir()
     subprocess.run(["cp", "-a", str(fixture.origin), str(context / "origin.git")], check=True)
     subprocess.run(["cp", "-a", str(fixture.broken_origin), str(context / "broken.git")], check=True)
+    plan = make_plan(2, "tp", "h200")
+    write_stack_doubles(context / "dists", {"exllamav3": plan.stack.exllamav3, "torch": plan.stack.torch})
+    write_stack_doubles(context / "wrong-dists", {"exllamav3": "1.4.2", "torch": plan.stack.torch})
     (context / "Dockerfile").write_text(
         f"FROM {test_base_image}\n"
         "COPY origin.git /fixtures/tabbyAPI.git\nCOPY broken.git /fixtures/broken.git\n"
+        "COPY dists /fixtures/dists\nENV PYTHONPATH=/fixtures/dists\n"
     )
+    wrong_context = root / "wrong-stack-context"
+    wrong_context.mkdir()
+    subprocess.run(["cp", "-a", str(context / "wrong-dists"), str(wrong_context / "dists")], check=True)
     created: list[str] = []
     # Images that exist now (the shared base image above all) are never removed, though the build log names
     # them too (FROM and cached steps print their ids).
     existing = {image.id for image in docker_client.images.list(all=True)}
-    tags = [f"{prefix}-base:latest", f"{prefix}-tabby:latest", f"{prefix}-broken:latest"]
-    plan = make_plan(2, "tp", "h200")
+    tags = [
+        f"{prefix}-base:latest",
+        f"{prefix}-tabby:latest",
+        f"{prefix}-broken:latest",
+        f"{prefix}-wrong-base:latest",
+        f"{prefix}-wrong:latest",
+    ]
+    (wrong_context / "Dockerfile").write_text(
+        f"FROM {tags[0]}\nCOPY dists /fixtures/wrong-dists\nENV PYTHONPATH=/fixtures/wrong-dists\n"
+    )
     bundle = render_bundle(plan, root / "deploy", RenderOptions(serving=SERVING, run_as=(1000, 1000)))
     try:
         ok, log = _build(docker_client, context, tags[0], {}, created)
+        assert ok, log
+        ok, log = _build(docker_client, wrong_context, tags[3], {}, created)
         assert ok, log
         args = {
             "BASE_IMAGE": tags[0],
@@ -161,6 +180,9 @@ def built(docker_client, test_base_image, tmp_path_factory):
         ok, log = _build(docker_client, bundle.out_dir, tags[1], args, created)
         broken_args = {**args, "TABBY_REPO": "file:///fixtures/broken.git", "PR295_HEAD": fixture.broken}
         broken_ok, broken_log = _build(docker_client, bundle.out_dir, tags[2], broken_args, created)
+        wrong_ok, wrong_log = _build(
+            docker_client, bundle.out_dir, tags[4], {**args, "BASE_IMAGE": tags[3]}, created
+        )
         yield {
             "client": docker_client,
             "bundle": bundle,
@@ -171,6 +193,8 @@ def built(docker_client, test_base_image, tmp_path_factory):
             "log": log,
             "broken_ok": broken_ok,
             "broken_log": broken_log,
+            "wrong_ok": wrong_ok,
+            "wrong_log": wrong_log,
         }
     finally:
         _remove_new_images(docker_client, [*tags, *reversed(created)], existing)
@@ -227,6 +251,28 @@ def test_the_image_runs_unprivileged_and_holds_no_secret(built) -> None:
         user="4242:4242",
     )
     assert out.split() == ["writable", "code-read-only"]
+
+
+@pytest.mark.docker
+def test_the_build_checks_the_stack_it_installed(built) -> None:
+    assert built["ok"], built["log"]
+    stack = built["plan"].stack
+    assert f"check_stack: exllamav3 {stack.exllamav3} (stack: {stack.exllamav3})" in built["log"]
+    assert f"check_stack: torch {stack.torch} (stack: {stack.torch})" in built["log"]
+    labels = built["client"].images.get(built["tag"]).attrs["Config"]["Labels"]
+    assert (labels["io.glm-deploy.exllamav3"], labels["io.glm-deploy.torch"]) == (
+        stack.exllamav3,
+        stack.torch,
+    )
+    record = json.loads(_run(built, "cat /app/.glm-deploy-tabby.json"))
+    assert record["ref"] == record["commit"] == built["fixture"].base  # the ref built (a build arg here)
+    assert record["head"] == _run(built, "cat /app/.glm-deploy-tabby-commit").strip()
+
+
+@pytest.mark.docker
+def test_another_exllamav3_in_the_image_fails_the_build(built) -> None:
+    assert not built["wrong_ok"]
+    assert f"exllamav3 1.4.2 instead of {built['plan'].stack.exllamav3}" in built["wrong_log"]
 
 
 @pytest.mark.docker

@@ -56,7 +56,7 @@ def test_image_serves_health_and_model_with_auth(docker_client, test_base_image,
     )
     container = None
     try:
-        build_test_server_image(docker_client, tag, test_base_image)
+        build_test_server_image(docker_client, tag, test_base_image, tmp_path)
         image = docker_client.images.get(tag)
         assert image.attrs["Config"]["User"] not in ("", "0", "root"), "the test server must not run as root"
         container = docker_client.containers.run(

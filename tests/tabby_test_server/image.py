@@ -1,21 +1,74 @@
-"""Build the test server image (used by every Docker test that needs "a TabbyAPI" without a GPU)."""
+"""Build the test server image (used by every Docker test that needs "a TabbyAPI" without a GPU).
+
+The image carries what `deploy status` reads from a real TabbyAPI image: package metadata for exllamav3 and torch
+(TEST DOUBLES: a dist-info folder each, no code) and the TabbyAPI commit file the rendered Dockerfile writes.
+Their versions default to the pinned stack (profiles/tabbyapi.yaml, CUDA 12: what a plan for --gpus gets), so a
+test can build an image that matches its plan or one that differs.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from toolkit.facts.tabby_pin import load_tabby_pin
 
 CONTEXT_DIR = Path(__file__).resolve().parent
 # The image's non-root user: mounted secrets (0600) must be owned by it, or run the container as their owner.
 TEST_SERVER_UID = 10001
+DOUBLES_DIR = "test-double-dists"  # on the image's PYTHONPATH (Dockerfile)
 
 
-def build_test_server_image(client: Any, tag: str, base: str) -> str:
-    """Build tests/tabby_test_server/Dockerfile FROM `base` as `tag`; returns the image id.
+@dataclass(frozen=True)
+class ImageStack:
+    """What the image reports as its serving stack."""
 
-    The caller owns the tag and removes it (client.images.remove(tag)) when done.
-    """
+    tabbyapi: str
+    exllamav3: str
+    torch: str
+
+
+def pinned_stack(cuda: str = "12") -> ImageStack:
+    """The pinned stack of profiles/tabbyapi.yaml in one CUDA variant."""
+    pin = load_tabby_pin()
+    return ImageStack(pin.ref, pin.exllamav3, pin.variant(cuda).torch)
+
+
+def write_stack_doubles(folder: Path, packages: dict[str, str]) -> Path:
+    """Metadata-only dist-info folders (TEST DOUBLES, no code) so importlib.metadata reports these versions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, version in packages.items():
+        info = folder / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+            "Summary: glm-deploy TEST DOUBLE: package metadata only, no code\n",
+            encoding="utf-8",
+        )
+    return folder
+
+
+def prepare_context(dest: Path, stack: ImageStack | None = None) -> Path:
+    """A build context: the test server's files plus the stack's test doubles (dest must not exist)."""
+    stack = stack or pinned_stack()
+    shutil.copytree(CONTEXT_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    write_stack_doubles(dest / DOUBLES_DIR, {"exllamav3": stack.exllamav3, "torch": stack.torch})
+    # What the rendered Dockerfile writes at build: the ref built, its commit, the tree's HEAD.
+    record = {"ref": stack.tabbyapi, "commit": stack.tabbyapi, "head": stack.tabbyapi}
+    (dest / ".glm-deploy-tabby.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return dest
+
+
+def build_test_server_image(
+    client: Any, tag: str, base: str, workdir: Path, stack: ImageStack | None = None
+) -> str:
+    """Build tests/tabby_test_server/Dockerfile FROM `base` as `tag` (context assembled under workdir); returns
+    the image id. The caller owns the tag and removes it (client.images.remove(tag)) when done."""
+    context = prepare_context(workdir / f"context-{tag.replace(':', '-').replace('/', '-')}", stack)
     image, _logs = client.images.build(
-        path=str(CONTEXT_DIR), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True, pull=False
+        path=str(context), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True, pull=False
     )
     return str(image.id)

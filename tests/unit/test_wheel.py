@@ -118,5 +118,5 @@ def test_installed_wheel_plans_and_renders_outside_the_checkout(
         tmp_path / "here",
         RenderOptions(models_dir=str(tmp_path / "tmp" / "models")),
     )
-    for name in ("Dockerfile", "ensure-pr295.sh", "config.yml", "compose.yaml"):
+    for name in ("Dockerfile", "ensure-pr295.sh", "check_stack.py", "config.yml", "compose.yaml"):
         assert (tmp_path / "tmp" / name).read_bytes() == (here.out_dir / name).read_bytes(), name

@@ -37,7 +37,6 @@ def register(subparsers: Any) -> None:
     )
     add_port_option(parser)
     parser.add_argument("--models-dir", help="where models are downloaded (default <out>/models)")
-    parser.add_argument("--cuda", default="auto", help="image CUDA: auto, 13 or 12")
     parser.add_argument(
         "--hf-token-file", type=Path, help="file holding a Hugging Face token (never printed)"
     )
@@ -86,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
             bind=args.bind,
             port=port_number(args.port),
             models_dir=args.models_dir,
-            cuda=args.cuda,
             hf_token_file=args.hf_token_file,
             cpu_only=no_gpu(args),
             skip_build=args.skip_build,

@@ -16,13 +16,15 @@ from ..errors import BadInput
 from ..facts.runtime import DEFAULT_HOST_PORT
 from ..plan.plan import PlanRequest
 
-PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib")  # default None; cache and split default to "auto"
+# Default None; cache, split and cuda default to "auto", allow_uncalibrated to False.
+PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib", "tabby_ref", "exllamav3")
 NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
 DEFAULT_PORT = str(DEFAULT_HOST_PORT)  # argparse default: parsed like a given value
 
 
 def add_plan_options(parser: Any) -> None:
-    """--profile, --gpus, --context, --cache, --quant, --split, --headroom-mib (a parser or an argument group)."""
+    """--profile, --gpus, --context, --cache, --quant, --split, --headroom-mib and the stack: --cuda,
+    --tabby-ref, --exllamav3, --allow-uncalibrated (a parser or an argument group)."""
     parser.add_argument(
         "--profile", default="glm-4.7", help="model profile name or YAML path (default glm-4.7)"
     )
@@ -56,6 +58,28 @@ def add_plan_options(parser: Any) -> None:
         metavar="N",
         help="safety margin per GPU in MiB (default: 256 MiB or 1%% of the GPU, the larger)",
     )
+    parser.add_argument(
+        "--cuda",
+        default="auto",
+        metavar="auto|13|12",
+        help="CUDA variant of the image and its torch (default: the newest the host driver runs)",
+    )
+    parser.add_argument(
+        "--tabby-ref",
+        metavar="COMMIT",
+        help="TabbyAPI commit (7-40 hex) or tag instead of the pinned one (an uncalibrated stack)",
+    )
+    parser.add_argument(
+        "--exllamav3",
+        metavar="VERSION",
+        help="plan for this exllamav3 version instead of the pinned one (memory terms are per version; the "
+        "image installs only the pinned one)",
+    )
+    parser.add_argument(
+        "--allow-uncalibrated",
+        action="store_true",
+        help="plan a stack that has no memory calibration of its own, keeping a stated margin more free per GPU",
+    )
 
 
 def add_port_option(parser: Any) -> None:
@@ -68,7 +92,8 @@ def add_port_option(parser: Any) -> None:
 def given_plan_options(args: argparse.Namespace) -> list[str]:
     """The plan flags set on this command line (as the user spelled them)."""
     given = [f"--{name.replace('_', '-')}" for name in PLAN_OPTIONS if getattr(args, name) is not None]
-    return given + [f"--{name}" for name in ("cache", "split") if getattr(args, name) != "auto"]
+    given += [f"--{name}" for name in ("cache", "split", "cuda") if getattr(args, name) != "auto"]
+    return given + (["--allow-uncalibrated"] if args.allow_uncalibrated else [])
 
 
 def whole_number(value: str, option: str) -> int:
@@ -111,6 +136,10 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         quant=args.quant,
         split=args.split.strip().lower(),
         headroom_mib=headroom,
+        cuda=args.cuda.strip().lower(),
+        tabby_ref=args.tabby_ref,
+        exllamav3=args.exllamav3,
+        allow_uncalibrated=args.allow_uncalibrated,
     )
 
 

@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "render",
         help="write the Dockerfile, TabbyAPI config, API keys, compose.yaml and .env for a plan",
-        description="Render a plan into DIR: Dockerfile (TabbyAPI at a pinned commit with PR #295), "
-        "config.yml, "
+        description="Render a plan into DIR: Dockerfile (the plan's stack: TabbyAPI at a pinned commit with PR "
+        "#295, exactly the pinned exllamav3 and torch), config.yml, "
         "api_tokens.yml (0600, kept across re-renders), compose.yaml, .env and render.json. "
         "Exit 0 ok, 2 bad input, 3 nothing fits, 4 driver too old for any TabbyAPI image.",
     )
@@ -36,17 +36,6 @@ def register(subparsers: Any) -> None:
     add_plan_options(source)
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="folder to render into (created atomically)"
-    )
-    parser.add_argument(
-        "--tabby-ref",
-        metavar="COMMIT",
-        help="TabbyAPI commit (7-40 hex) or tag instead of the pinned known-good commit",
-    )
-    parser.add_argument(
-        "--cuda",
-        default="auto",
-        choices=("auto", "12", "13"),
-        help="CUDA variant of the image (default: from the host driver's CUDA version)",
     )
     parser.add_argument(
         "--bind",
@@ -114,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         plan = _make_plan(args)
     options = RenderOptions(
-        tabby_ref=args.tabby_ref,
-        cuda=args.cuda,
         bind=args.bind,
         port=port_number(args.port),
         models_dir=args.models_dir,
@@ -150,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     verb = "rendered" if bundle.changed else "unchanged"
     out.print(
         f"{verb}: {bundle.out_dir} (plan {bundle.manifest_data['plan_digest'][:12]}, TabbyAPI "
-        f"{bundle.tabby_ref[:12]}, CUDA {bundle.cuda}, image {bundle.image})"
+        f"{bundle.tabby_ref[:12]}, exllamav3 {plan.stack.exllamav3}, torch {plan.stack.torch}, CUDA {bundle.cuda}, "
+        f"image {bundle.image})"
     )
     out.print(f"  API key file: {bundle.api_tokens} (mode 0600, mounted read-only; send it as X-API-Key)")
     out.print(f"  model folder expected at: {bundle.models_dir}/{bundle.model_folder}")

@@ -140,10 +140,7 @@ def print_plan(
         )
     if bounds:
         out.print(_bound_note(bounds, plan), markup=False)
-    if not profile.memory_overhead.calibrated:
-        out.print(
-            "note: per-GPU overhead terms are not calibrated yet (profile memory_overhead.calibrated: false)"
-        )
+    out.print(stack_line(plan), markup=False)
 
 
 def _bound_cell(bound: DecodeBound | None) -> str:
@@ -186,3 +183,22 @@ def print_checks(checks: list[dict[str, Any]], passed: bool) -> None:
         )
         out.print(f"{mark} {escape(check['name']):<10} {escape(check['detail'])}", markup=True)
     out.print("all checks passed" if passed else "verification FAILED")
+
+
+def stack_line(plan: Plan) -> str:
+    """The serving stack and the memory calibration the plan was sized with (and the margin when uncalibrated)."""
+    stack = plan.stack
+    line = (
+        f"stack: TabbyAPI {stack.tabbyapi[:12]}, exllamav3 {stack.exllamav3}, torch {stack.torch} "
+        f"(CUDA {stack.cuda}), Python {stack.python}; "
+    )
+    margin = stack.uncalibrated_margin
+    if stack.calibrated or margin is None:
+        return line + f"memory calibrated with exllamav3 {stack.calibration}"
+    totals = {gpu.index: gpu.total_mib for gpu in plan.inventory.gpus}
+    kept = sorted({margin.mib(totals[a.index]) for a in plan.per_gpu})
+    return line + (
+        f"UNCALIBRATED (--allow-uncalibrated): memory terms of exllamav3 {stack.calibration} plus "
+        f"max({margin.min_mib} MiB, {margin.fraction:.0%}) kept free per GPU "
+        f"({' / '.join(str(m) for m in kept)} MiB, in the headroom): {margin.source}"
+    )

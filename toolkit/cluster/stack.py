@@ -42,7 +42,13 @@ from ..facts import layout
 from ..facts.layout import API_TOKENS
 from ..facts.paths import COMPOSE_DIR
 from ..facts.runtime import CONTAINER_API_TOKENS, CONTAINER_CONFIG, CONTAINER_MODELS_DIR, CONTAINER_PORT
-from ..render.bundle import IMAGE_USER_ID, RenderOptions, load_or_make_api_tokens, render_files
+from ..render.bundle import (
+    BUILD_CONTEXT,
+    IMAGE_USER_ID,
+    RenderOptions,
+    load_or_make_api_tokens,
+    render_files,
+)
 from ..render.compose import SERVICE_BASE, compose_base, health_test, merge
 from .fleet_plan import CLASS_LABEL, FleetPlan, NodeClass
 
@@ -52,7 +58,7 @@ GATEWAY_CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
 SECRET_MODE = 0o600
 STACK_BASE = "stack.yaml"  # in compose/
 GATEWAY_CONFIG_BASE = "haproxy.cfg"  # in compose/
-CLASS_FILES = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.DOCKERIGNORE, layout.CONFIG, layout.PLAN)
+CLASS_FILES = (*BUILD_CONTEXT, layout.DOCKERIGNORE, layout.CONFIG, layout.PLAN)
 
 
 @dataclass(frozen=True)

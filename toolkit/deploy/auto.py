@@ -38,7 +38,6 @@ class AutoRequest:
     bind: str
     port: int
     models_dir: str | None
-    cuda: str
     hf_token_file: Path | None
     cpu_only: bool
     skip_build: bool
@@ -78,7 +77,6 @@ def run_auto(
         plan,
         request.out,
         RenderOptions(
-            cuda=request.cuda,
             bind=request.bind,
             port=request.port,
             models_dir=request.models_dir,

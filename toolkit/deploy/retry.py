@@ -28,6 +28,10 @@ def replan(dep: Deployment, context: int) -> Deployment:
         quant=plan.quant,
         cache=plan.cache_mode,
         split=plan.split if plan.split != "single" else "auto",
+        cuda=plan.stack.cuda,
+        tabby_ref=plan.stack.tabbyapi,
+        exllamav3=plan.stack.exllamav3,
+        allow_uncalibrated=not plan.stack.calibrated,
     )
     new_plan = make_plan(load_profile(plan.profile), plan.inventory, request)
     new_plan = _with_context(new_plan, context)
@@ -36,8 +40,6 @@ def replan(dep: Deployment, context: int) -> Deployment:
         new_plan,
         dep.out_dir,
         RenderOptions(
-            tabby_ref=manifest.get("tabby_ref"),
-            cuda=str(manifest.get("cuda", "auto")),
             bind=str(manifest["bind"]),
             port=int(manifest["port"]),
             models_dir=str(manifest["models_dir"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 # `deploy render --out DIR`
 DOCKERFILE = "Dockerfile"
 PR295_SCRIPT = "ensure-pr295.sh"  # the PR #295 build step, COPY'd by the Dockerfile
+CHECK_STACK_SCRIPT = "check_stack.py"  # the build step checking the installed stack's versions
 DOCKERIGNORE = ".dockerignore"
 CONFIG = "config.yml"  # TabbyAPI's config
 COMPOSE = "compose.yaml"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,29 @@ class MemoryOverhead:
     output_gpu_mib: float  # extra on the GPU holding the lm_head (single, last of a layer split)
     tensor_parallel_mib: float  # extra on every GPU under tensor parallel (its worker processes)
     layer_spill_mib: float  # extra on each GPU of a layer split but the last (module that did not fit)
-    calibrated: bool  # False while the numbers are placeholders
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The memory terms measured with one exllamav3 version, through one TabbyAPI commit."""
+
+    exllamav3: str  # the version the loads ran ("1.6.5")
+    tabbyapi: str  # the TabbyAPI commit they ran through (full SHA)
+    source: str  # where the measurement and its fit are
+    terms: MemoryOverhead
+
+
+@dataclass(frozen=True)
+class UncalibratedMargin:
+    """What a plan for a stack without calibration keeps free per GPU: max(min_mib, fraction x the GPU's memory)."""
+
+    min_mib: int
+    fraction: float
+    source: str
+
+    def mib(self, total_mib: int) -> int:
+        """The margin on a GPU of total_mib."""
+        return max(self.min_mib, math.ceil(total_mib * self.fraction))
 
 
 @dataclass(frozen=True)
@@ -111,7 +134,26 @@ class ModelProfile:
     serving: Serving
     reference_ppl: float
     source: Path
+    calibrations: tuple[Calibration, ...]  # by exllamav3 version, oldest first
+    uncalibrated_margin: UncalibratedMargin
+    # The terms memory.py applies, and the exllamav3 version they were measured with: the newest calibration as
+    # loaded; the planner switches to its stack's (with_calibration).
     memory_overhead: MemoryOverhead
+    calibration: str
+
+    def calibration_for(self, exllamav3: str) -> Calibration | None:
+        """The calibration measured with that exllamav3 version, if any."""
+        return next((c for c in self.calibrations if c.exllamav3 == exllamav3), None)
+
+    def with_calibration(self, exllamav3: str) -> ModelProfile:
+        """This profile with the memory terms of that exllamav3 version (which must be calibrated)."""
+        found = self.calibration_for(exllamav3)
+        if found is None:
+            known = ", ".join(c.exllamav3 for c in self.calibrations)
+            raise BadInput(
+                f"{self.name} has no memory calibration for exllamav3 {exllamav3}", f"calibrated: {known}"
+            )
+        return replace(self, memory_overhead=found.terms, calibration=exllamav3)
 
     def quant(self, branch: str) -> Quant:
         """The quant of that branch, or a clear error listing the known ones."""
@@ -243,15 +285,42 @@ def _chunk_fallbacks(reader: _Reader, serving: dict[str, Any]) -> tuple[ChunkFal
     return tuple(fallbacks)
 
 
-def _memory_overhead(reader: _Reader, data: dict[str, Any]) -> MemoryOverhead:
-    """Every field of MemoryOverhead is required: a new term is a new dataclass field plus a YAML key."""
-    values: dict[str, Any] = {}
-    for name in MemoryOverhead.__dataclass_fields__:
-        if name == "calibrated":
-            values[name] = reader.get(data, name, bool, "memory_overhead.")
-        else:
-            values[name] = reader.number(data, name, "memory_overhead.", 0.0, 1e6)
-    return MemoryOverhead(**values)
+VERSION_PATTERN = re.compile(r"^[0-9]{1,4}(?:\.[0-9]{1,4}){1,3}$")
+SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _calibrations(reader: _Reader, data: dict[str, Any]) -> tuple[Calibration, ...]:
+    """memory_overhead: {exllamav3 version: {source, tabbyapi, every MemoryOverhead term}}, all fields required."""
+    if not data:
+        raise reader.fail("memory_overhead", "must hold at least one exllamav3 version's terms")
+    found = []
+    for version, raw in data.items():
+        field = f"memory_overhead.{version}."
+        if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+            raise reader.fail(
+                f"memory_overhead.{version}", 'must be keyed by an exllamav3 version in quotes ("1.6.5")'
+            )
+        entry = reader.mapping(raw, field.rstrip("."))
+        tabbyapi = reader.get(entry, "tabbyapi", str, field)
+        if not SHA_PATTERN.match(tabbyapi):
+            raise reader.fail(f"{field}tabbyapi", f"must be a full 40-hex TabbyAPI commit, got {tabbyapi!r}")
+        terms = MemoryOverhead(
+            **{
+                name: reader.number(entry, name, field, 0.0, 1e6)
+                for name in MemoryOverhead.__dataclass_fields__
+            }
+        )
+        found.append(Calibration(version, tabbyapi, reader.get(entry, "source", str, field), terms))
+    return tuple(sorted(found, key=lambda c: tuple(int(p) for p in c.exllamav3.split("."))))
+
+
+def _margin(reader: _Reader, data: dict[str, Any]) -> UncalibratedMargin:
+    field = "uncalibrated_margin."
+    return UncalibratedMargin(
+        min_mib=int(reader.number(data, "min_mib", field, 0, 1e6)),
+        fraction=reader.number(data, "fraction", field, 0.0, 0.5),
+        source=reader.get(data, "source", str, field),
+    )
 
 
 def parse_profile(data: Any, source: Path) -> ModelProfile:
@@ -292,6 +361,7 @@ def parse_profile(data: Any, source: Path) -> ModelProfile:
     if not BRANCH_PATTERN.match(name):
         raise reader.fail("name", f"is not a safe name: {name!r}")
     reference = reader.mapping(data.get("reference"), "reference")
+    calibrations = _calibrations(reader, reader.mapping(data.get("memory_overhead"), "memory_overhead"))
     return ModelProfile(
         name=name,
         display_name=reader.get(data, "display_name", str, ""),
@@ -301,9 +371,12 @@ def parse_profile(data: Any, source: Path) -> ModelProfile:
         serving=serving,
         reference_ppl=reader.number(reference, "ppl", "reference.", 1.0, 1e6),
         source=source,
-        memory_overhead=_memory_overhead(
-            reader, reader.mapping(data.get("memory_overhead"), "memory_overhead")
+        calibrations=calibrations,
+        uncalibrated_margin=_margin(
+            reader, reader.mapping(data.get("uncalibrated_margin"), "uncalibrated_margin")
         ),
+        memory_overhead=calibrations[-1].terms,
+        calibration=calibrations[-1].exllamav3,
     )
 
 

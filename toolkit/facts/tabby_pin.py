@@ -1,7 +1,8 @@
-"""The pinned TabbyAPI build (profiles/tabbyapi.yaml) and the choice of its CUDA variant from the driver."""
+"""The pinned serving stack (profiles/tabbyapi.yaml): TabbyAPI, exllamav3, torch per CUDA variant; the variant's choice."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +19,30 @@ CUDA_CHOICES = ("auto", "13", "12")
 
 @dataclass(frozen=True)
 class CudaVariant:
-    """One TabbyAPI dependency set: its pip extra, its base image and the driver CUDA version it needs."""
+    """One CUDA build of the stack: base image, the driver CUDA it needs, its torch and its exllamav3 wheel."""
 
     name: str  # "13" | "12"
-    extra: str  # TabbyAPI pyproject extra: "cu13" | "cu12"
     base_image: str
     min_driver_cuda: tuple[int, int]
     min_driver_hint: str
+    torch: str  # "2.9.0+cu128": the version the image must report
+    torch_index: str  # PyTorch's index for that CUDA build
+    exllamav3_wheel: str  # the release wheel of the pinned exllamav3 for that torch
+    exllamav3_wheel_sha256: str | None  # None: no hash was taken (see profiles/tabbyapi.yaml)
 
 
 @dataclass(frozen=True)
 class TabbyPin:
-    """Where TabbyAPI comes from: repository, pinned commit, and PR #295's head and merge commits."""
+    """The serving stack: TabbyAPI's repository and pinned commit, PR #295, exllamav3 and the CUDA variants."""
 
     repo: str
     ref: str
     pr295_number: int
     pr295_head: str
     pr295_merged_by: str
+    exllamav3: str  # the version every measurement ran ("1.6.5")
+    exllamav3_requires: tuple[str, ...]  # its runtime dependencies (the wheel goes in with --no-deps)
+    python: str  # "3.12"
     cuda: tuple[CudaVariant, ...]  # newest first
 
     def variant(self, name: str) -> CudaVariant:
@@ -47,12 +54,18 @@ class TabbyPin:
 
 
 def _variant(data: dict[str, Any]) -> CudaVariant:
+    sha256 = data["exllamav3_wheel_sha256"]
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        raise ValueError(f"cuda.exllamav3_wheel_sha256 {sha256!r} is not null or 64 hex digits")
     return CudaVariant(
         name=validate.safe_name(str(data["name"]), "cuda.name"),
-        extra=validate.safe_name(str(data["extra"]), "cuda.extra"),
         base_image=validate.image_ref(data["base_image"], "cuda.base_image"),
         min_driver_cuda=validate.cuda_version(str(data["min_driver_cuda"]), "cuda.min_driver_cuda"),
         min_driver_hint=str(data["min_driver_hint"]),
+        torch=validate.package_version(str(data["torch"]), "cuda.torch"),
+        torch_index=validate.https_url(data["torch_index"], "cuda.torch_index"),
+        exllamav3_wheel=validate.https_url(data["exllamav3_wheel"], "cuda.exllamav3_wheel"),
+        exllamav3_wheel_sha256=sha256,
     )
 
 
@@ -67,9 +80,17 @@ def load_tabby_pin(path: Path = TABBY_PIN_FILE) -> TabbyPin:
             pr295_number=int(pr["number"]),
             pr295_head=validate.full_sha(pr["head"], "pr295.head"),
             pr295_merged_by=validate.full_sha(pr["merged_by"], "pr295.merged_by"),
+            exllamav3=validate.package_version(str(data["exllamav3"]["version"]), "exllamav3.version"),
+            exllamav3_requires=tuple(
+                validate.requirement(item, "exllamav3.requires") for item in data["exllamav3"]["requires"]
+            ),
+            python=validate.package_version(str(data["python"]), "python"),
             cuda=tuple(_variant(item) for item in data["cuda"]),
         )
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        for variant in pin.cuda:
+            if f"/exllamav3-{pin.exllamav3}+" not in variant.exllamav3_wheel:
+                raise ValueError(f"the CUDA {variant.name} wheel is not exllamav3 {pin.exllamav3}")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, BadInput) as exc:
         raise BadInput(
             f"TabbyAPI pin file {path} is unreadable or malformed ({type(exc).__name__}: {exc})",
             "restore profiles/tabbyapi.yaml",

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..detect.inventory import GpuInventory
+from ..facts.profiles import UncalibratedMargin
 
 SPLITS = ("single", "tp", "layer")
 
@@ -44,6 +45,20 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """The serving stack the plan is for (profiles/tabbyapi.yaml) and the memory calibration it was sized with."""
+
+    tabbyapi: str  # the TabbyAPI commit (full SHA when it is the pinned one) or tag the image builds
+    exllamav3: str  # the exllamav3 version the image installs ("1.6.5")
+    torch: str  # "2.9.0+cu128"
+    cuda: str  # the CUDA variant of the image: "12" | "13"
+    python: str  # "3.12"
+    calibration: str  # the exllamav3 version whose measured memory terms sized the plan
+    calibrated: bool  # False: the terms were measured on another stack (--allow-uncalibrated)
+    uncalibrated_margin: UncalibratedMargin | None  # kept free on top of the headroom when not calibrated
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything needed to render and run one TabbyAPI deployment."""
 
@@ -64,6 +79,7 @@ class Plan:
     expected: Expected
     rejected: tuple[Rejection, ...]
     inventory: GpuInventory
+    stack: Stack
 
     @property
     def device_ids(self) -> list[str]:
@@ -106,7 +122,22 @@ class Plan:
             expected=Expected(**data["expected"]),
             rejected=tuple(Rejection(**r) for r in data["rejected"]),
             inventory=GpuInventory.from_dict(data["inventory"]),
+            stack=_stack(data["stack"]),
         )
+
+
+def _stack(data: dict[str, Any]) -> Stack:
+    margin = data["uncalibrated_margin"]
+    return Stack(
+        tabbyapi=str(data["tabbyapi"]),
+        exllamav3=str(data["exllamav3"]),
+        torch=str(data["torch"]),
+        cuda=str(data["cuda"]),
+        python=str(data["python"]),
+        calibration=str(data["calibration"]),
+        calibrated=bool(data["calibrated"]),
+        uncalibrated_margin=None if margin is None else UncalibratedMargin(**margin),
+    )
 
 
 @dataclass(frozen=True)
@@ -138,3 +169,7 @@ class PlanRequest:
     quant: str | None = None  # fix the quant and maximize context
     split: str = "auto"  # auto | tp | layer
     headroom_mib: int | None = None  # per-GPU safety margin; None = the documented default
+    cuda: str = "auto"  # CUDA variant of the image: auto (from the driver) | 13 | 12
+    tabby_ref: str | None = None  # TabbyAPI commit or tag; None = the pinned one
+    exllamav3: str | None = None  # exllamav3 version of the stack; None = the pinned one
+    allow_uncalibrated: bool = False  # plan a stack without its own memory calibration (adds a margin)

@@ -1,6 +1,11 @@
 """Choose the quant, KV-cache mode, split and context that give the best quality that fits, and say why.
 
-The rules (pure; no NVML, no I/O):
+The rules (pure: no NVML, and no I/O beyond reading profiles/tabbyapi.yaml when no pin is given):
+
+- The stack (stack.py): TabbyAPI, exllamav3 and torch as pinned in profiles/tabbyapi.yaml, in the CUDA variant the
+  driver runs (--cuda, --tabby-ref, --exllamav3 change it). Memory is modelled with the profile's calibration for
+  the stack's exllamav3 version, measured through the pinned TabbyAPI; a stack without one is refused unless
+  --allow-uncalibrated, which adds the profile's uncalibrated margin (max(700 MiB, 9 %) per GPU) to the headroom.
 
 - Usable memory per GPU = free memory (NVML, or the whole card for a --gpus spec) minus the headroom:
   256 MiB or 1 % of the GPU's total, whichever is larger (--headroom-mib overrides it for every GPU).
@@ -42,6 +47,7 @@ from ..detect.inventory import GpuInventory
 from ..errors import BadInput, NoFit
 from ..facts.profiles import ChunkFallback, ModelProfile, Quant
 from ..facts.runtime import CACHE_PAGE_TOKENS
+from ..facts.tabby_pin import TabbyPin, load_tabby_pin
 from .memory import (
     FP16,
     GIB,
@@ -58,7 +64,8 @@ from .memory import (
     place_tensor_parallel,
     weights_bytes,
 )
-from .plan import ChunkTrade, Expected, GpuAllocation, Plan, PlanRequest, Rejection
+from .plan import ChunkTrade, Expected, GpuAllocation, Plan, PlanRequest, Rejection, Stack
+from .stack import choose_stack
 
 CACHE_LADDER: tuple[CacheMode, ...] = (FP16,) + tuple(
     CacheMode(k, v)
@@ -264,19 +271,24 @@ class PlanDetails:
     chunk_trade: ChunkTrade | None
 
 
-def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanRequest) -> Plan:
-    """Pick quant, cache mode, split and context for these GPUs (raises BadInput or NoFit)."""
-    return plan_with_details(profile, inventory, request)[0]
+def make_plan(
+    profile: ModelProfile, inventory: GpuInventory, request: PlanRequest, pin: TabbyPin | None = None
+) -> Plan:
+    """Pick quant, cache mode, split and context for these GPUs and this stack (raises BadInput, NoFit, or
+    EnvironmentMissing when the detected driver runs no image); pin defaults to profiles/tabbyapi.yaml."""
+    return plan_with_details(profile, inventory, request, pin)[0]
 
 
 def plan_with_details(
-    profile: ModelProfile, inventory: GpuInventory, request: PlanRequest
+    profile: ModelProfile, inventory: GpuInventory, request: PlanRequest, pin: TabbyPin | None = None
 ) -> tuple[Plan, PlanDetails]:
     """make_plan, plus the candidates that fit and the chunk-size trade (PlanDetails)."""
     if not inventory.gpus:
         raise BadInput("the GPU inventory is empty", "give --gpus, e.g. --gpus 8x24GiB")
+    stack = choose_stack(profile, pin or load_tabby_pin(), inventory, request)
+    profile = stack.profile  # with the memory terms of the stack's calibration
     required = required_context(profile, request)
-    headroom = resolve_headroom(inventory, request)
+    headroom = [room + margin for room, margin in zip(resolve_headroom(inventory, request), stack.margin_mib)]
     splits = allowed_splits(profile, len(inventory.gpus), request.split)
     fixed_mode = None if request.cache.strip().lower() == "auto" else parse_cache_mode(request.cache)
     fixed_quant = profile.quant(request.quant) if request.quant else None
@@ -316,6 +328,7 @@ def plan_with_details(
     plan = _build_plan(
         profile,
         inventory,
+        stack.stack,
         winner,
         placement,
         context,
@@ -496,6 +509,7 @@ def _closest_option(
 def _build_plan(
     profile: ModelProfile,
     inventory: GpuInventory,
+    stack: Stack,
     winner: Choice,
     placement: Placement,
     context: int,
@@ -549,4 +563,5 @@ def _build_plan(
         expected=Expected(kl=quant.kl_ref_quant, top1=quant.top1, ppl=quant.ppl),
         rejected=rejected,
         inventory=inventory,
+        stack=stack,
     )

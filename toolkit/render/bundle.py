@@ -26,11 +26,13 @@ from ..facts import layout
 from ..facts.layout import API_TOKENS, MANIFEST
 from ..facts.profiles import Serving
 from ..facts.runtime import CONTAINER_PORT, DEFAULT_HOST_PORT
-from ..facts.tabby_pin import TabbyPin, choose_cuda, load_tabby_pin
+from ..facts.tabby_pin import CudaVariant, TabbyPin, choose_cuda, load_tabby_pin
 from ..plan.plan import Plan
 from .compose import ComposeInputs, compose_yaml, env_text
 from .config import config_yaml, model_folder, serving_for, tabby_config
 from .dockerfile import (
+    CHECK_STACK_SCRIPT,
+    PR295_SCRIPT,
     DockerfileInputs,
     arch_list,
     dockerfile_sha256,
@@ -54,6 +56,7 @@ __all__ = [
 
 IMAGE_REPOSITORY = "glm-deploy/tabbyapi"
 IMAGE_USER_ID = 10001  # the image's non-root user (dockerfiles/tabbyapi.Dockerfile.j2)
+BUILD_CONTEXT = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.CHECK_STACK_SCRIPT)  # all the build is sent
 SECRET_MODE = 0o600
 _KEY_ALPHABET = set("0123456789abcdefABCDEF-_" + "ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ")
 
@@ -62,8 +65,6 @@ _KEY_ALPHABET = set("0123456789abcdefABCDEF-_" + "ghijklmnopqrstuvwxyzGHIJKLMNOP
 class RenderOptions:
     """How to render: everything the user may choose besides the plan."""
 
-    tabby_ref: str | None = None  # None: the pinned commit from profiles/tabbyapi.yaml
-    cuda: str = "auto"  # auto | 13 | 12
     bind: str = "127.0.0.1"
     port: int = DEFAULT_HOST_PORT
     models_dir: str | None = None  # absolute; None: <out>/models
@@ -73,7 +74,7 @@ class RenderOptions:
         None  # uid:gid the container runs as; None: the key file's owner (see below)
     )
     serving: Serving | None = None  # None: the plan's profile's serving settings
-    pin: TabbyPin | None = None  # None: profiles/tabbyapi.yaml
+    pin: TabbyPin | None = None  # None: profiles/tabbyapi.yaml (must hold the plan's stack)
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,34 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def stack_variant(plan: Plan, pin: TabbyPin) -> CudaVariant:
+    """The CUDA variant of the plan's stack, checked against the pin: the image installs only what is pinned."""
+    stack = plan.stack
+    variant = choose_cuda(pin, plan.inventory.cuda_driver_version, stack.cuda)
+    if stack.exllamav3 != pin.exllamav3:
+        raise BadInput(
+            f"the plan is for exllamav3 {stack.exllamav3!r}, but the image installs exactly the pinned "
+            f"{pin.exllamav3} (profiles/tabbyapi.yaml)",
+            "re-plan without --exllamav3, or pin that version's wheels in profiles/tabbyapi.yaml",
+        )
+    if (stack.torch, stack.python) != (variant.torch, pin.python):
+        raise BadInput(
+            f"the plan's stack (torch {stack.torch!r}, Python {stack.python!r}) is not the pinned CUDA "
+            f"{variant.name} stack (torch {variant.torch}, Python {pin.python})",
+            "re-run `deploy plan` with this version of glm-deploy",
+        )
+    validate.package_version(stack.calibration, "plan stack.calibration")
+    return variant
+
+
 def render_files(
     plan: Plan, out_dir: Path, options: RenderOptions, api_tokens_text: str
 ) -> dict[str, tuple[str, int]]:
     """Every file of the bundle as {name: (text, mode)}: the pure part of rendering (no disk writes)."""
     pin = options.pin or load_tabby_pin()
     serving = options.serving or serving_for(plan)
-    cuda = choose_cuda(pin, plan.inventory.cuda_driver_version, options.cuda)
-    tabby_ref = validate.git_ref(options.tabby_ref) if options.tabby_ref else pin.ref
+    cuda = stack_variant(plan, pin)
+    tabby_ref = validate.git_ref(plan.stack.tabbyapi, "plan stack.tabbyapi")
     digest = plan.digest()
     folder = model_folder(plan)
     models_dir = (
@@ -174,11 +195,17 @@ def render_files(
             plan_digest=digest,
             cuda_name=cuda.name,
             min_driver_cuda=f"{cuda.min_driver_cuda[0]}.{cuda.min_driver_cuda[1]}",
-            extra=cuda.extra,
             base_image=cuda.base_image,
             tabby_repo=pin.repo,
             tabby_ref=tabby_ref,
             pr295_head=pin.pr295_head,
+            exllamav3=pin.exllamav3,
+            exllamav3_wheel=cuda.exllamav3_wheel,
+            exllamav3_requires=pin.exllamav3_requires,
+            torch=cuda.torch,
+            torch_index=cuda.torch_index,
+            python=pin.python,
+            calibration=plan.stack.calibration,
             arch_list=arch,
             arch_source=arch_source,
             weights_gib=round(weights_gib, 2),
@@ -201,9 +228,10 @@ def render_files(
     )
     files: dict[str, tuple[str, int]] = {
         layout.DOCKERFILE: (dockerfile, 0o644),
-        layout.PR295_SCRIPT: (script_text(), 0o755),
+        layout.PR295_SCRIPT: (script_text(PR295_SCRIPT), 0o755),
+        layout.CHECK_STACK_SCRIPT: (script_text(CHECK_STACK_SCRIPT), 0o644),
         # The build context is this folder: send only what the build needs (never the keys or config).
-        layout.DOCKERIGNORE: (f"*\n!{layout.DOCKERFILE}\n!{layout.PR295_SCRIPT}\n", 0o644),
+        layout.DOCKERIGNORE: ("*\n" + "".join(f"!{name}\n" for name in BUILD_CONTEXT), 0o644),
         layout.CONFIG: (config_yaml(tabby_config(plan, serving), digest), 0o644),
         layout.COMPOSE: (compose_yaml(compose_inputs, digest), 0o644),
         layout.ENV: (env_text(compose_inputs), 0o644),
@@ -223,7 +251,19 @@ def render_files(
         "tabby_ref": tabby_ref,
         "pr295_head": pin.pr295_head,
         "cuda": cuda.name,
-        "cuda_extra": cuda.extra,
+        # What the image installs and the build checks (profiles/tabbyapi.yaml), and the calibration it was
+        # sized with: the same as the plan's stack.
+        "stack": {
+            "tabbyapi": tabby_ref,
+            "exllamav3": pin.exllamav3,
+            "exllamav3_wheel": cuda.exllamav3_wheel,
+            "exllamav3_wheel_sha256": cuda.exllamav3_wheel_sha256,
+            "torch": cuda.torch,
+            "torch_index": cuda.torch_index,
+            "python": pin.python,
+            "calibration": plan.stack.calibration,
+            "calibrated": plan.stack.calibrated,
+        },
         "base_image": cuda.base_image,
         "torch_cuda_arch_list": arch,
         "image": compose_inputs.image,

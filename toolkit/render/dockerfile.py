@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, EnvironmentMissing
@@ -14,6 +15,7 @@ from ..facts.runtime import CONTAINER_PORT
 
 TEMPLATE = "tabbyapi.Dockerfile.j2"
 PR295_SCRIPT = DOCKERFILES_DIR / layout.PR295_SCRIPT
+CHECK_STACK_SCRIPT = DOCKERFILES_DIR / layout.CHECK_STACK_SCRIPT
 DOCKERFILE_HASH_LABEL = "io.glm-deploy.dockerfile-sha256"
 # Used when the planned GPUs' compute capabilities are unknown (a plan made from a --gpus spec): every
 # architecture TabbyAPI/exllamav3 supports (Ampere 8.0 and newer, ../shared/facts/tabbyapi.md) that the
@@ -42,11 +44,17 @@ class DockerfileInputs:
     plan_digest: str
     cuda_name: str
     min_driver_cuda: str
-    extra: str
     base_image: str
     tabby_repo: str
     tabby_ref: str
     pr295_head: str
+    exllamav3: str
+    exllamav3_wheel: str
+    exllamav3_requires: tuple[str, ...]
+    torch: str
+    torch_index: str
+    python: str
+    calibration: str
     arch_list: str
     arch_source: str
     weights_gib: float
@@ -101,9 +109,9 @@ def arch_list(capabilities: list[str | None]) -> tuple[str, str]:
     ), "compute capabilities of the planned GPUs"
 
 
-def script_text() -> str:
-    """The PR #295 step shipped next to the Dockerfile (COPY'd into the build stage)."""
-    return PR295_SCRIPT.read_text(encoding="utf-8")
+def script_text(path: Path) -> str:
+    """A script shipped next to the Dockerfile and COPY'd into the image (PR #295 step, stack check, health)."""
+    return path.read_text(encoding="utf-8")
 
 
 def dockerfile_sha256(text: str) -> str:
@@ -129,6 +137,13 @@ def render_dockerfile(inputs: DockerfileInputs) -> str:
     values = dict(vars(inputs))
     values["description"] = f"TabbyAPI with PR 295 serving {inputs.model} {inputs.quant}"
     values["container_port"] = CONTAINER_PORT
-    values["script_sha256"] = hashlib.sha256(script_text().encode()).hexdigest()
+    for key, path in (
+        ("script_sha256", PR295_SCRIPT),
+        ("check_stack_sha256", CHECK_STACK_SCRIPT),
+    ):
+        values[key] = hashlib.sha256(script_text(path).encode()).hexdigest()
+    values["torch_requirement"] = f"torch=={inputs.torch}"
+    values["check_exllamav3"] = f"exllamav3={inputs.exllamav3}"
+    values["check_torch"] = f"torch={inputs.torch}"
     draft = template.render(dockerfile_sha256="", **values)
     return template.render(dockerfile_sha256=dockerfile_sha256(draft), **values)

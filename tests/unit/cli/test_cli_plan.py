@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from toolkit.facts.tabby_pin import load_tabby_pin
 from toolkit.plan.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -79,6 +81,17 @@ def test_json_is_the_plan_contract_and_its_views() -> None:
         "expected",
         "rejected",
         "inventory",
+        "stack",
+    }
+    assert set(data["stack"]) == {
+        "tabbyapi",
+        "exllamav3",
+        "torch",
+        "cuda",
+        "python",
+        "calibration",
+        "calibrated",
+        "uncalibrated_margin",
     }
     assert data["split"] in ("single", "tp", "layer")
     assert data["gpu_split"] is None or all(isinstance(x, float) for x in data["gpu_split"])
@@ -128,6 +141,56 @@ def test_json_honours_every_option() -> None:
         512,
     )
     assert data["split"] in ("layer", "single")
+
+
+def test_json_shows_the_pinned_stack_and_its_calibration() -> None:
+    pin = load_tabby_pin()
+    for cuda, args in (("12", []), ("13", ["--cuda", "13"])):
+        result = deploy("plan", "--gpus", "2xH200", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        stack = json.loads(result.stdout)["stack"]
+        assert stack == {
+            "tabbyapi": pin.ref,
+            "exllamav3": pin.exllamav3,
+            "torch": pin.variant(cuda).torch,
+            "cuda": cuda,
+            "python": pin.python,
+            "calibration": pin.exllamav3,
+            "calibrated": True,
+            "uncalibrated_margin": None,
+        }
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--exllamav3", "1.4.2"], "no memory calibration for exllamav3 1.4.2"),
+        (["--tabby-ref", "ccd171c"], "TabbyAPI ccd171c is not the stack glm-4.7's memory was calibrated on"),
+        (["--exllamav3", "1.4"], "no memory calibration for exllamav3 1.4"),
+        (["--exllamav3", "1.6.5; id"], "is not a package version"),
+    ],
+)
+def test_an_uncalibrated_stack_is_refused_with_exit_2(args: list[str], fragment: str) -> None:
+    line = assert_one_line_error(deploy("plan", "--gpus", "2xH200", *args), 2)
+    assert fragment in line
+    if "calibrat" in fragment:
+        assert "--allow-uncalibrated" in line and "max(700 MiB, 9%)" in line
+
+
+def test_allow_uncalibrated_plans_with_a_stated_margin() -> None:
+    calibrated = json.loads(deploy("plan", "--gpus", "2xH200", "--json").stdout)
+    result = deploy("plan", "--gpus", "2xH200", "--exllamav3", "1.4.2", "--allow-uncalibrated", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    stack = plan["stack"]
+    assert (stack["exllamav3"], stack["calibration"], stack["calibrated"]) == ("1.4.2", "1.6.5", False)
+    assert (stack["uncalibrated_margin"]["min_mib"], stack["uncalibrated_margin"]["fraction"]) == (700, 0.09)
+    margin = math.ceil(143771 * 0.09)  # 9 % of an H200 is more than 700 MiB
+    assert plan["headroom_mib"] == calibrated["headroom_mib"] + margin
+    for mine, theirs in zip(plan["per_gpu"], calibrated["per_gpu"]):
+        assert mine["usable_mib"] == theirs["usable_mib"] - margin
+    table = deploy("plan", "--gpus", "2xH200", "--exllamav3", "1.4.2", "--allow-uncalibrated").stdout
+    assert "UNCALIBRATED" in table and f"{margin} MiB" in table and "exllamav3 1.6.5" in table
 
 
 def test_context_max_is_accepted() -> None:

@@ -17,6 +17,7 @@ import yaml
 from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.errors import NoFit
 from toolkit.facts.profiles import load_profile, parse_profile
+from toolkit.facts.tabby_pin import load_tabby_pin
 from toolkit.plan.plan import PlanRequest
 from toolkit.plan.planner import make_plan, plan_with_details
 from toolkit.render.bundle import RenderOptions, render_files
@@ -45,7 +46,8 @@ def measured_rows() -> list[tuple[str, int, int, float]]:
     fit, heldout_fit = _script("fit"), _script("heldout_fit")
     results = json.loads((CALIBRATION / "results.json").read_text())
     rows = []
-    profile = fit.slice_profile()
+    exllamav3 = load_tabby_pin().exllamav3  # the terms of the pinned stack's version
+    profile = fit.slice_profile(exllamav3)
     for row in fit.gpu_rows(results):
         load = fit.predict(profile, row.config).loads[row.gpu]
         predicted = load.weights_mib + load.cache_mib + load.overhead_mib
@@ -53,10 +55,10 @@ def measured_rows() -> list[tuple[str, int, int, float]]:
         rows.append((split, row.config["chunk_size"], predicted - row.needed, max(0.03 * row.needed, 256)))
     heldout = json.loads((CALIBRATION / "heldout-1.6.5.json").read_text())
     data = yaml.safe_load((CALIBRATION / "glm-4.7-slice-4l.yaml").read_text())
-    data["memory_overhead"] = copy.deepcopy(
-        yaml.safe_load((ROOT / "profiles" / "glm-4.7.yaml").read_text())["memory_overhead"]
-    )
-    four_layers = parse_profile(data, CALIBRATION / "glm-4.7-slice-4l.yaml")
+    glm = yaml.safe_load((ROOT / "profiles" / "glm-4.7.yaml").read_text())
+    for section in ("memory_overhead", "uncalibrated_margin"):
+        data[section] = copy.deepcopy(glm[section])
+    four_layers = parse_profile(data, CALIBRATION / "glm-4.7-slice-4l.yaml").with_calibration(exllamav3)
     for row in heldout_fit.rows(heldout, heldout_fit.probes_from(results, heldout), four_layers):
         rows.append(("single", row["chunk_size"], row["diff_mib"], max(0.03 * row["needed_mib"], 256)))
     return rows

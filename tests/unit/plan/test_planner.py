@@ -12,6 +12,7 @@ from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.detect.inventory import Gpu, GpuInventory
 from toolkit.errors import BadInput, NoFit
 from toolkit.facts.profiles import load_profile
+from toolkit.facts.tabby_pin import load_tabby_pin
 from toolkit.plan import memory
 from toolkit.plan.memory import CacheMode
 from toolkit.plan.plan import Plan, PlanRequest
@@ -19,6 +20,7 @@ from toolkit.plan.planner import CACHE_LADDER, _Search, cache_floor, make_plan
 
 PROFILE = load_profile("glm-4.7")
 CACHE_FLOOR = cache_floor(PROFILE)
+PIN = load_tabby_pin()
 MAX_CONTEXT = PROFILE.architecture.max_position_embeddings
 KL = {q.branch: q.kl_ref_quant for q in PROFILE.quants}
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -417,10 +419,33 @@ def test_no_plan_overfills_a_gpu_and_cache_is_whole_pages(case: tuple[list[int],
         assert plan.cache_mode == memory.parse_cache_mode(request.cache).label
 
 
-def test_every_plan_keeps_the_overhead_of_the_profile() -> None:
-    terms = dataclasses.replace(PROFILE.memory_overhead, base_mib=PROFILE.memory_overhead.base_mib + 1300)
-    heavy = dataclasses.replace(PROFILE, memory_overhead=terms)
-    light_plan = plan_for("8x24GiB")
-    heavy_plan = make_plan(heavy, parse_gpu_spec("8x24GiB"), PlanRequest())
+def test_every_plan_applies_the_memory_terms_of_its_stacks_exllamav3_version() -> None:
+    pinned = PROFILE.calibration_for(PIN.exllamav3)
+    assert pinned is not None
+    heavier = dataclasses.replace(pinned.terms, base_mib=pinned.terms.base_mib + 1300)
+    newer = dataclasses.replace(pinned, exllamav3="1.7.0", terms=heavier)
+    profile = dataclasses.replace(PROFILE, calibrations=(pinned, newer))  # loaded: 1.7.0's terms by default
+    light_plan = make_plan(profile, parse_gpu_spec("8x24GiB"), PlanRequest())
+    heavy_plan = make_plan(profile, parse_gpu_spec("8x24GiB"), PlanRequest(exllamav3="1.7.0"))
+    assert (light_plan.stack.calibration, heavy_plan.stack.calibration) == (PIN.exllamav3, "1.7.0")
+    assert light_plan.stack.calibrated and heavy_plan.stack.calibrated
+    assert light_plan == plan_for("8x24GiB")  # the pinned version's terms, whatever the profile holds besides
     assert heavy_plan.per_gpu[0].overhead_mib - light_plan.per_gpu[0].overhead_mib == 1300
     assert (KL[heavy_plan.quant], -heavy_plan.max_context) >= (KL[light_plan.quant], -light_plan.max_context)
+
+
+def test_an_uncalibrated_stack_is_refused_unless_allowed_and_then_only_loses() -> None:
+    with pytest.raises(BadInput, match="no memory calibration for exllamav3 1.4.2"):
+        plan_for("8x24GiB", exllamav3="1.4.2")
+    with pytest.raises(BadInput, match="TabbyAPI v1.0 is not the stack"):
+        plan_for("8x24GiB", tabby_ref="v1.0")
+    calibrated = plan_for("8x24GiB")
+    for request in ({"exllamav3": "1.4.2"}, {"tabby_ref": "v1.0"}):
+        plan = plan_for("8x24GiB", allow_uncalibrated=True, **request)
+        assert not plan.stack.calibrated and plan.stack.calibration == PIN.exllamav3
+        assert plan.stack.uncalibrated_margin == PROFILE.uncalibrated_margin
+        margin = PROFILE.uncalibrated_margin.mib(plan.inventory.gpus[0].total_mib)
+        assert [a.usable_mib for a in plan.per_gpu] == [a.usable_mib - margin for a in calibrated.per_gpu]
+        assert (KL[plan.quant], -plan.max_context) >= (KL[calibrated.quant], -calibrated.max_context)
+    same = plan_for("8x24GiB", tabby_ref=PIN.ref[:7])  # the pinned commit, abbreviated: calibrated
+    assert same.stack.tabbyapi == PIN.ref and same == calibrated

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from toolkit.detect.inventory import Gpu, GpuInventory
 from toolkit.facts.profiles import Serving
-from toolkit.plan.plan import Expected, GpuAllocation, Plan, Rejection
+from toolkit.facts.tabby_pin import load_tabby_pin
+from toolkit.plan.plan import Expected, GpuAllocation, Plan, Rejection, Stack
 
 SERVING = Serving(
     chunk_size=2048,
@@ -53,6 +54,15 @@ def host(
         driver_version="570.124.06" if driver_cuda else None,
         cuda_driver_version=driver_cuda,
     )
+
+
+def pinned_stack(driver_cuda: str | None) -> Stack:
+    """The pinned stack (profiles/tabbyapi.yaml) in the variant `deploy plan` picks for that driver (CUDA 12
+    when the driver is unknown or too old: rendering then refuses a driver below 12.8), calibrated."""
+    pin = load_tabby_pin()
+    newest = driver_cuda is not None and tuple(int(x) for x in driver_cuda.split(".")) >= (13, 2)
+    variant = pin.variant("13" if newest else "12")
+    return Stack(pin.ref, pin.exllamav3, variant.torch, variant.name, pin.python, pin.exllamav3, True, None)
 
 
 def make_plan(
@@ -104,4 +114,5 @@ def make_plan(
         expected=Expected(kl=0.15401253, top1=0.8854, ppl=6.41935951),
         rejected=(Rejection(quant="5bpw_H8", reason="needs 210.3 GiB, has 184.0", short_by_mib=26931),),
         inventory=inventory,
+        stack=pinned_stack(driver_cuda),
     )

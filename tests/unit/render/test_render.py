@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -104,7 +105,8 @@ def test_config_serving_defaults_to_the_profile() -> None:
 def test_cuda_variant_follows_the_driver(driver, requested, expected) -> None:
     variant = choose_cuda(PIN, driver, requested)
     assert variant.name == expected
-    assert variant.extra == f"cu{expected}"
+    assert variant.torch.endswith("+cu130" if expected == "13" else "+cu128")
+    assert f"/exllamav3-{PIN.exllamav3}+cu1" in variant.exllamav3_wheel
     assert variant.base_image.startswith(f"nvidia/cuda:{expected}.")
 
 
@@ -150,7 +152,15 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     assert instructions.count("FROM") == 2
     runs = [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
     assert any("python3.12-dev" in r for r in runs)
-    assert any('"/opt/tabby-deps[cu13]"' in r for r in runs)
+    variant = PIN.variant("13")
+    install = next(r for r in runs if "/opt/tabby-deps" in r)
+    assert f'--index-url "{variant.torch_index}" "torch=={variant.torch}"' in install
+    assert re.search(r"-c /opt/torch-constraint\.txt /opt/tabby-deps\s+&&", install)  # base deps, no extra
+    assert f'--no-deps "{variant.exllamav3_wheel}"' in install
+    assert all(f'"{requirement}"' in install for requirement in PIN.exllamav3_requires)
+    assert not any("[cu1" in r for r in runs)  # TabbyAPI's own extras (exllamav3 1.4.2) are never installed
+    check = next(r for r in runs if "check_stack.py" in r)
+    assert f'"exllamav3={PIN.exllamav3}" "torch={variant.torch}"' in check
     steps = [(i["instruction"], i["value"]) for i in parser.structure]
     clone = next(n for n, (op, value) in enumerate(steps) if op == "RUN" and "git clone" in value)
     assert steps[clone + 1] == ("WORKDIR", "/src/tabbyAPI")
@@ -168,7 +178,11 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     labels = parser.labels
     assert labels["io.glm-deploy.plan-digest"] == plan.digest()
     assert labels["io.glm-deploy.dockerfile-sha256"] == dockerfile_sha256(text) == bundle.dockerfile_sha256
-    assert labels["org.opencontainers.image.revision"] == PIN.ref
+    assert labels["org.opencontainers.image.revision"] == labels["io.glm-deploy.tabbyapi"] == PIN.ref
+    assert (
+        labels["io.glm-deploy.exllamav3"] == PIN.exllamav3 and labels["io.glm-deploy.torch"] == variant.torch
+    )
+    assert labels["io.glm-deploy.calibration"] == plan.stack.calibration
     users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
     assert users == ["10001:10001"]
     health = [i["value"] for i in parser.structure if i["instruction"] == "HEALTHCHECK"]
@@ -180,7 +194,41 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     assert parser.envs["TORCH_CUDA_ARCH_LIST"] == "9.0"
     copies = [i["value"] for i in parser.structure if i["instruction"] == "COPY"]
     assert not any("api_tokens" in c or "config.yml" in c for c in copies)
-    assert "*\n!Dockerfile\n!ensure-pr295.sh\n" == (bundle.out_dir / ".dockerignore").read_text()
+    ignore = "*\n!Dockerfile\n!ensure-pr295.sh\n!check_stack.py\n"
+    assert ignore == (bundle.out_dir / ".dockerignore").read_text()
+
+
+def test_render_json_records_the_stack(tmp_path: Path) -> None:
+    plan = make_plan(1, "single", "h200", driver_cuda="12.8")
+    stack = _render(tmp_path, plan).manifest_data["stack"]
+    variant = PIN.variant("12")
+    assert stack == {
+        "tabbyapi": PIN.ref,
+        "exllamav3": PIN.exllamav3,
+        "exllamav3_wheel": variant.exllamav3_wheel,
+        "exllamav3_wheel_sha256": variant.exllamav3_wheel_sha256,
+        "torch": variant.torch,
+        "torch_index": variant.torch_index,
+        "python": PIN.python,
+        "calibration": plan.stack.calibration,
+        "calibrated": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("exllamav3", "1.4.2", "installs exactly the pinned"),
+        ("torch", "2.8.0+cu128", "is not the pinned CUDA 12 stack"),
+        ("calibration", "1.6.5; rm -rf /", "plan stack.calibration"),
+    ],
+)
+def test_a_plan_for_another_stack_is_not_rendered(tmp_path: Path, field, value, words) -> None:
+    plan = make_plan(1, "single", "h200", driver_cuda="12.8")
+    other = dataclasses.replace(plan, stack=dataclasses.replace(plan.stack, **{field: value}))
+    with pytest.raises(BadInput, match=re.escape(words)):
+        _render(tmp_path, other)
+    assert not (tmp_path / "out").exists()
 
 
 # DL3008 (pin apt package versions) is ignored on purpose: Ubuntu rotates point versions out of its archive,
@@ -209,10 +257,15 @@ def test_dockerfile_hash_covers_everything_but_its_own_label(tmp_path: Path) -> 
     assert dockerfile_sha256(text) != dockerfile_sha256(text.replace('"9.0"', '"8.9"'))
 
 
-def test_tabby_ref_override_and_its_validation(tmp_path: Path) -> None:
-    bundle = _render(tmp_path, tabby_ref="ccd171c")
+def _with_tabby_ref(ref: str):
+    plan = make_plan(2, "tp", "h200")
+    return dataclasses.replace(plan, stack=dataclasses.replace(plan.stack, tabbyapi=ref, calibrated=False))
+
+
+def test_tabby_ref_of_the_plan_and_its_validation(tmp_path: Path) -> None:
+    bundle = _render(tmp_path, _with_tabby_ref("ccd171c"))
     assert 'ARG TABBY_REF="ccd171c"' in bundle.dockerfile.read_text()
-    assert bundle.manifest_data["tabby_ref"] == "ccd171c"
+    assert bundle.manifest_data["tabby_ref"] == bundle.manifest_data["stack"]["tabbyapi"] == "ccd171c"
     for hostile in (
         "--upload-pack=touch /tmp/x",
         "main;id",
@@ -224,7 +277,7 @@ def test_tabby_ref_override_and_its_validation(tmp_path: Path) -> None:
         "a.lock",
     ):
         with pytest.raises(BadInput):
-            _render(tmp_path / "bad", tabby_ref=hostile)
+            render_bundle(_with_tabby_ref(hostile), tmp_path / "bad", OPTIONS)
     assert not (tmp_path / "bad").exists()
 
 
@@ -417,6 +470,18 @@ def test_cli_renders_a_plan_file_and_never_prints_the_key(tmp_path: Path, capsys
         (["--plan", "{missing}"], 2, "cannot read plan"),
         (["--plan", "{garbage}"], 2, "is not a `deploy plan --json` object"),
         (["--plan", "{plan}", "--gpus", "2xH200"], 2, "cannot be combined"),
+        (["--plan", "{plan}", "--cuda", "13"], 2, "--plan cannot be combined with --cuda"),
+        (["--plan", "{plan}", "--tabby-ref", "ccd171c"], 2, "--plan cannot be combined with --tabby-ref"),
+        (
+            ["--gpus", "2xH200", "--tabby-ref", "ccd171c"],
+            2,
+            "is not the stack glm-4.7's memory was calibrated",
+        ),
+        (
+            ["--gpus", "2xH200", "--exllamav3", "1.4.2", "--allow-uncalibrated"],
+            2,
+            "installs exactly the pinned",
+        ),
         (["--plan", "{plan}", "--port", "http"], 2, "not a TCP port"),
         (["--plan", "{plan}", "--bind", "0.0.0.0\nRUN id"], 2, "not an IP address"),
         (["--plan", "{old_driver}"], 4, "570"),

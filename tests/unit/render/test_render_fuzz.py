@@ -78,10 +78,12 @@ SEGMENT = st.text("abcXYZ019._+@,=~ -", min_size=1, max_size=12).filter(lambda s
 VALID = {
     "bind": st.ip_addresses().map(str),
     "models_dir": st.lists(SEGMENT, min_size=1, max_size=5).map(lambda parts: "/" + "/".join(parts)),
-    "tabby_ref": st.one_of(
+    # the plan's stack: the TabbyAPI ref to build, and the calibration version it was sized with
+    "tabbyapi": st.one_of(
         st.text("0123456789abcdef", min_size=7, max_size=40),
         st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}(/[A-Za-z0-9][A-Za-z0-9_-]{0,10})?", fullmatch=True),
     ),
+    "calibration": st.lists(st.integers(0, 99).map(str), min_size=2, max_size=4).map(".".join),
     "quant": SAFE_NAME,
     "profile": SAFE_NAME,
     "hf_repo": st.builds(lambda owner, name: f"{owner}/{name}", SAFE_NAME, SAFE_NAME),
@@ -141,9 +143,14 @@ PLAN = make_plan(2, "layer", "h200")
 REFERENCE = _outputs_shape(render_files(PLAN, Path("/srv/deploy"), BASE_OPTIONS, TOKENS))
 
 
+STACK_FIELDS = ("tabbyapi", "exllamav3", "torch", "cuda", "calibration")
+
+
 def _plan_with(field: str, value: str):
     if field in ("quant", "hf_repo", "profile", "cache_mode"):
         return dataclasses.replace(PLAN, **{field: value})
+    if field in STACK_FIELDS:
+        return dataclasses.replace(PLAN, stack=dataclasses.replace(PLAN.stack, **{field: value}))
     inventory = PLAN.inventory
     if field == "cuda_driver_version":
         return dataclasses.replace(PLAN, inventory=dataclasses.replace(inventory, cuda_driver_version=value))
@@ -179,7 +186,7 @@ def fuzz(strategy: st.SearchStrategy, check: Callable[..., str]) -> Counter[str]
 
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-OPTION_FIELDS = ["bind", "models_dir", "tabby_ref"]
+OPTION_FIELDS = ["bind", "models_dir"]
 PLAN_FIELDS = [
     "quant",
     "hf_repo",
@@ -188,6 +195,8 @@ PLAN_FIELDS = [
     "uuid",
     "compute_capability",
     "cuda_driver_version",
+    "tabbyapi",
+    "calibration",
 ]
 
 
@@ -226,7 +235,7 @@ def test_hostile_profile_tokens_stay_yaml_strings() -> None:
 
 def test_the_payloads_are_rejected_where_they_would_matter() -> None:
     """Sanity: the fuzz is not vacuous -- clean values render, and a newline is refused in every field."""
-    for field in ("bind", "models_dir", "tabby_ref"):
+    for field in ("bind", "models_dir"):
         try:
             render_files(
                 PLAN, Path("/srv/deploy"), dataclasses.replace(BASE_OPTIONS, **{field: "1\nRUN id"}), TOKENS
@@ -234,3 +243,9 @@ def test_the_payloads_are_rejected_where_they_would_matter() -> None:
         except ToolkitError:
             continue
         raise AssertionError(f"{field} accepted a newline")
+    for field in STACK_FIELDS:  # exllamav3, torch and cuda render only as pinned: anything else is refused
+        try:
+            render_files(_plan_with(field, "1\nRUN id"), Path("/srv/deploy"), BASE_OPTIONS, TOKENS)
+        except ToolkitError:
+            continue
+        raise AssertionError(f"stack.{field} accepted a newline")
