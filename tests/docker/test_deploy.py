@@ -27,7 +27,7 @@ import pytest
 from docker.errors import APIError, ImageNotFound
 
 from tests.fake_hf_hub import FakeHub, FakeRepo
-from tests.tabby_test_server.image import prepare_context
+from tests.tabby_test_server.image import ImageStack, build_test_server_image, prepare_context
 from tests.tabby_test_server.testing import free_port
 from toolkit.deploy import compose_spec, engine, state
 from toolkit.deploy.deployment import load_deployment
@@ -181,6 +181,16 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
         "cache_size": up["model"]["parameters"]["cache_size"],
     }
     assert status["gpus"] is None and "unavailable" in status["nvml"]  # no NVML on this host, and it says so
+    planned = load_deployment(site.out).plan.stack  # read inside the container: the image's test doubles
+    assert status["stack"]["differs"] == []
+    assert status["stack"]["running"] == {
+        "tabbyapi": planned.tabbyapi,
+        "tabbyapi_head": planned.tabbyapi,
+        "exllamav3": planned.exllamav3,
+        "torch": planned.torch,
+    }
+    human = site.deploy("status", "--out", str(site.out))
+    assert f"exllamav3 {planned.exllamav3}, torch {planned.torch} (as planned)" in human.stdout
 
     logs = site.deploy("logs", "--out", str(site.out), "--tail", "20")
     assert logs.returncode == 0 and "Uvicorn running on http://0.0.0.0:5000" in logs.stdout
@@ -201,6 +211,25 @@ def test_fetch_up_status_logs_down(docker_client, tabby_image, site: Site) -> No
         and not (site.models / QUANT).exists()
         and not (site.out / "api_tokens.yml").exists()
     )
+
+
+def test_status_names_a_stack_that_differs_from_the_plan(
+    docker_client, test_base_image, site: Site, tmp_path
+) -> None:
+    """An image holding exllamav3 1.4.2 (TabbyAPI's own pin) where the plan says 1.6.5: status says so."""
+    planned = load_deployment(site.out).plan.stack
+    tag = f"glmdt-deploy-tabby-other:{secrets.token_hex(4)}"
+    other = ImageStack(planned.tabbyapi, "1.4.2", planned.torch)
+    image_id = build_test_server_image(docker_client, tag, test_base_image, tmp_path, other)
+    site.tags.append(tag)
+    _tag_as_rendered(docker_client, image_id, site)
+    assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
+    assert _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))["action"] == "created"
+    status = _json(site.deploy("status", "--out", str(site.out), "--json"))
+    assert status["stack"]["differs"] == [f"exllamav3 1.4.2 (plan: {planned.exllamav3})"]
+    human = site.deploy("status", "--out", str(site.out))
+    assert human.returncode == 0
+    assert f"stack DIFFERS from the plan: exllamav3 1.4.2 (plan: {planned.exllamav3})" in human.stdout
 
 
 def test_oom_is_diagnosed_and_retry_smaller_recovers(

@@ -65,10 +65,11 @@ def register(subparsers: Any) -> None:
 
     status = common(
         "status",
-        "container state, health, served model, GPU memory vs plan",
-        "Show the deployment's container, /health, /v1/model, per-GPU memory from NVML against the "
-        "plan's prediction, and the stored deployment reference (current or stale); --kl also runs the KL "
-        "spot-check against it (drift after restarts or upgrades; `deploy verify --out` exits 5 on it).",
+        "container state, health, served model, stack versions, GPU memory vs plan",
+        "Show the deployment's container, /health, /v1/model, the TabbyAPI/exllamav3/torch versions inside the "
+        "running container against the plan's stack, per-GPU memory from NVML against the plan's prediction, and "
+        "the stored deployment reference (current or stale); --kl also runs the KL spot-check against it (drift "
+        "after restarts or upgrades; `deploy verify --out` exits 5 on it).",
     )
     status.add_argument(
         "--kl", action="store_true", help="run the KL spot-check against the stored deployment reference"
@@ -198,6 +199,8 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"  {dep.url}/health: {data['health']}")
     if data["model"]:
         print(f"  model: {json.dumps(data['model'])}")
+    if data["stack"]:
+        print(f"  {_stack_line(data['stack'])}")
     if data["gpus"] is None:
         print(f"  GPU memory: NVML {data['nvml']}")
     else:
@@ -220,6 +223,23 @@ def run_status(args: argparse.Namespace) -> int:
     elif args.kl:
         print("  kl: not run (needs a running server and a stored reference)")
     return 0
+
+
+def _stack_line(stack: dict[str, Any]) -> str:
+    """'stack: TabbyAPI ..., exllamav3 ..., torch ...: as planned' or what differs and what to do."""
+    if stack.get("error"):
+        return f"stack: unknown ({stack['error']})"
+    running = stack["running"]
+    shown = (
+        f"TabbyAPI {str(running['tabbyapi'] or '?')[:12]}, exllamav3 {running['exllamav3'] or '?'}, "
+        f"torch {running['torch'] or '?'}"
+    )
+    if not stack["differs"]:
+        return f"stack: {shown} (as planned)"
+    return (
+        f"stack DIFFERS from the plan: {'; '.join(stack['differs'])} -- the image is not the rendered one: "
+        "`deploy build --force` then `deploy up`"
+    )
 
 
 def run_logs(args: argparse.Namespace) -> int:

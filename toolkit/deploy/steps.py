@@ -253,13 +253,15 @@ def container_name(dep: Deployment) -> str:
 
 
 def status_data(dep: Deployment, client: Any, kl: bool = False) -> dict[str, Any]:
-    """Container state, health, the served model, GPU memory per device (NVML) against the plan, the stored
-    reference; with kl, the KL spot-check of the running server against that reference (drift)."""
+    """Container state, health, the served model, the stack inside the container and GPU memory per device (NVML)
+    against the plan, the stored reference; with kl, the KL spot-check of the running server against that
+    reference (drift)."""
     from ..verify.client import ServerError, TabbyClient, read_api_key
     from ..verify.report import report_dict
     from . import engine
     from .diagnose import diagnose
     from .reference_step import reference_status, stored_reference
+    from .versions import stack_status
 
     name = container_name(dep)
     container = engine.find_container(client, name)
@@ -269,6 +271,7 @@ def status_data(dep: Deployment, client: Any, kl: bool = False) -> dict[str, Any
         "container": None,
         "health": None,
         "model": None,
+        "stack": None,
         "gpus": None,
         "nvml": None,
     }
@@ -300,6 +303,7 @@ def status_data(dep: Deployment, client: Any, kl: bool = False) -> dict[str, Any
                     "evidence": found.evidence,
                 }
         if current.running:
+            data["stack"] = stack_status(dep.plan.stack, container)
             with closing(TabbyClient(dep.url, read_api_key(str(dep.api_tokens)), timeout_s=5.0)) as tabby:
                 try:
                     data["health"] = tabby.health().status_code

@@ -12,6 +12,7 @@ from toolkit.deploy.deployment import endpoint_summary, load_deployment
 from toolkit.deploy.preflight import check_driver, check_port
 from toolkit.deploy.readiness import ready_timeout_s
 from toolkit.deploy.retry import smaller_context
+from toolkit.deploy.versions import differences
 from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.errors import BadInput, EnvironmentMissing
 from toolkit.facts.profiles import load_profile
@@ -146,3 +147,14 @@ def test_endpoint_summary_points_at_the_key_without_showing_it(rendered: Path) -
     text = endpoint_summary(dep)
     assert key not in text and str(rendered / "api_tokens.yml") in text
     assert "http://127.0.0.1:5123/v1/chat/completions" in text and "sed -n 's/^api_key: *//p'" in text
+
+
+def test_stack_differences_name_every_part_that_is_not_the_plans(rendered: Path) -> None:
+    planned = load_deployment(rendered).plan.stack
+    same = {"tabbyapi": planned.tabbyapi, "exllamav3": planned.exllamav3, "torch": planned.torch}
+    assert differences(planned, same) == []
+    other = {**same, "exllamav3": "1.4.2", "torch": None}
+    assert differences(planned, other) == [
+        f"exllamav3 1.4.2 (plan: {planned.exllamav3})",
+        f"torch unknown (plan: {planned.torch})",
+    ]
