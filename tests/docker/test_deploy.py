@@ -232,6 +232,88 @@ def test_status_names_a_stack_that_differs_from_the_plan(
     assert f"stack DIFFERS from the plan: exllamav3 1.4.2 (plan: {planned.exllamav3})" in human.stdout
 
 
+def _health(container) -> dict:
+    container.reload()
+    return container.attrs["State"].get("Health") or {}
+
+
+def _poll(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.5)
+
+
+def _fast_healthcheck(site: Site) -> None:
+    """The rendered healthcheck, unchanged but for its cadence (1 s, 2 retries): the test need not wait minutes."""
+    import yaml
+
+    from toolkit.render.compose import health_test
+
+    path = site.out / "compose.yaml"
+    compose = yaml.safe_load(path.read_text())
+    check = compose["services"]["tabbyapi"]["healthcheck"]
+    assert check["test"] == health_test()  # the image's "can serve" probe, as the image runs it
+    check.update(interval="1s", retries=2, start_period="0s")
+    path.write_text(yaml.safe_dump(compose, sort_keys=False))
+
+
+def test_one_failed_generation_keeps_the_container_healthy_one_that_cannot_generate_does_not(
+    docker_client, tabby_image, site: Site
+) -> None:
+    """Health means "can serve" (as measured on TabbyAPI e632af4, benchmarks/gpu_stack/RESULTS.md section 3): a
+    failed generation leaves /health at 503 while the server serves on, and the container stays healthy; a server
+    whose every generation fails turns unhealthy."""
+    import httpx
+
+    key = (site.out / "api_tokens.yml").read_text().split("api_key:")[1].split()[0]
+    assert site.deploy("fetch-model", "--out", str(site.out)).returncode == 0
+    _fast_healthcheck(site)
+    up = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
+    container = docker_client.containers.get(up["container"])
+    _poll(lambda: _health(container).get("Status") == "healthy", 60, "healthy after start")
+    url = f"http://127.0.0.1:{site.port}"
+    failed = httpx.post(
+        f"{url}/v1/completions",
+        headers={"X-API-Key": key},
+        json={"prompt": "<<glm-test-server:generation-error>>", "max_tokens": 1},
+        timeout=30,
+    )
+    assert failed.status_code == 503 and httpx.get(f"{url}/health", timeout=10).status_code == 503
+
+    def checks_since_the_failure() -> list[dict]:  # Docker keeps the last 5 results; these say "/health 503"
+        return [e for e in _health(container)["Log"] if "/health 503" in e["Output"]]
+
+    _poll(lambda: len(checks_since_the_failure()) >= 3, 60, "three health checks since the failed generation")
+    health = _health(container)
+    assert health["Status"] == "healthy" and health["FailingStreak"] == 0
+    assert all(e["ExitCode"] == 0 for e in checks_since_the_failure())
+    assert "one-token completion succeeds" in health["Log"][-1]["Output"], health["Log"][-1]
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 503  # TabbyAPI's own /health: still 503
+
+    config = site.out / "config.yml"
+    config.write_text(config.read_text() + "test_server:\n  fail_generations: true\n")
+    again = _json(site.deploy("up", "--out", str(site.out), "--no-gpu", "--json"))
+    assert again["action"] == "replaced"  # the mounted config changed
+    broken = docker_client.containers.get(again["container"])
+    _poll(lambda: _health(broken).get("Status") == "healthy", 60, "healthy before any generation")
+    refused = httpx.post(
+        f"{url}/v1/completions",
+        headers={"X-API-Key": key},
+        json={"prompt": "Hi", "max_tokens": 1},
+        timeout=30,
+    )
+    assert refused.status_code == 503
+    _poll(lambda: _health(broken).get("Status") == "unhealthy", 60, "unhealthy: it cannot generate")
+    assert "one-token completion 503" in _health(broken)["Log"][-1]["Output"]
+    status = _json(site.deploy("status", "--out", str(site.out), "--json"))
+    assert status["container"]["health"] == "unhealthy"
+
+
 def test_oom_is_diagnosed_and_retry_smaller_recovers(
     docker_client, tabby_image, site: Site, tmp_path
 ) -> None:

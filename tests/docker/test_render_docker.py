@@ -72,7 +72,11 @@ def test_docker_compose_accepts_the_rendered_file(tmp_path: Path, gpus: int, spl
     assert service["ulimits"] == {"memlock": -1, "nofile": {"soft": 1048576, "hard": 1048576}}
     assert service["shm_size"] == str(8 * 2**30)
     assert service["restart"] == "unless-stopped"
-    assert service["healthcheck"]["test"][-1] == "http://127.0.0.1:5000/health"
+    assert service["healthcheck"]["test"][2:] == [
+        "/usr/local/lib/glm-deploy/healthcheck.py",
+        "http://127.0.0.1:5000",
+        "/app/api_tokens.yml",
+    ]
     assert service["logging"] == {"driver": "json-file", "options": {"max-size": "50m", "max-file": "5"}}
 
 
@@ -230,7 +234,14 @@ def test_the_image_metadata(built) -> None:
     assert attrs["Labels"]["io.glm-deploy.plan-digest"] == built["plan"].digest()
     assert attrs["Labels"]["io.glm-deploy.dockerfile-sha256"] == manifest["dockerfile_sha256"]
     assert attrs["User"] == "10001:10001"
-    assert attrs["Healthcheck"]["Test"] == ["CMD", "curl", "-fsS", "http://127.0.0.1:5000/health"]
+    assert attrs["Healthcheck"]["Test"] == [
+        "CMD",
+        "python3",
+        "/usr/local/lib/glm-deploy/healthcheck.py",
+        "http://127.0.0.1:5000",
+        "/app/api_tokens.yml",
+    ]
+    assert "healthy: /health" not in _run(built, "python3 /usr/local/lib/glm-deploy/healthcheck.py || true")
     assert attrs["Healthcheck"]["StartPeriod"] == start_period_s(built["plan"].weights_gib) * 10**9
     env = dict(item.split("=", 1) for item in attrs["Env"])
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

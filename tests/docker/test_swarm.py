@@ -141,6 +141,61 @@ def test_a_killed_replica_is_restored_and_the_endpoint_stays_up(site, monkeypatc
     assert data["passed"], json.dumps(data, indent=1)[:3000]
 
 
+# Run inside a replica (as its user, who reads the mounted key): one generation that fails, as a client's bad
+# request makes TabbyAPI's fail (benchmarks/gpu_stack/RESULTS.md section 3); prints the HTTP status.
+FAIL_ONE_GENERATION = """
+import json, re, urllib.error, urllib.request
+key = re.search(r"api_key: *([A-Za-z0-9_-]+)", open("/app/api_tokens.yml").read()).group(1)
+body = json.dumps({"prompt": "<<glm-test-server:generation-error>>", "max_tokens": 1}).encode()
+request = urllib.request.Request("http://127.0.0.1:5000/v1/completions", data=body,
+                                 headers={"X-API-Key": key, "Content-Type": "application/json"})
+try:
+    print(urllib.request.urlopen(request, timeout=10).status)
+except urllib.error.HTTPError as error:
+    print(error.code)
+"""
+
+
+def test_a_failed_generation_takes_no_replica_out_of_rotation_or_service(site, monkeypatch, capsys):
+    """Every replica's /health is left at 503 for good, as TabbyAPI leaves it after one failed generation; they
+    still serve, so the Swarm healthcheck keeps them healthy (no task replaced, no reload) and the gateway keeps
+    sending them requests (a /health check there would have emptied the backend)."""
+    tasks = {service: site.running_tasks(service) for service in site.services()}
+    containers = [site.container(task) for running in tasks.values() for task in running]
+    assert len(containers) == 3
+    for container in containers:
+        code, output = container.exec_run(["python3", "-c", FAIL_ONE_GENERATION])
+        assert code == 0 and output.decode().strip() == "503"
+
+    def sticky_503_seen_by_three_health_checks() -> bool:
+        for container in containers:
+            container.reload()
+            log = container.attrs["State"]["Health"]["Log"]
+            if sum("/health 503" in entry["Output"] for entry in log) < 3:
+                return False
+        return True
+
+    _wait(sticky_503_seen_by_three_health_checks, 60, "three health checks of every replica", site.diagnose)
+    for container in containers:
+        container.reload()
+        health = container.attrs["State"]["Health"]
+        assert health["Status"] == "healthy", health["Log"][-1]
+        assert "one-token completion succeeds" in health["Log"][-1]["Output"]
+    for _ in range(9):  # through the gateway: every replica has /health 503, and the endpoint serves
+        response = httpx.post(
+            f"{site.endpoint}/v1/completions",
+            headers={"X-API-Key": site.api_key},
+            json={"prompt": "Hello", "max_tokens": 1},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+    assert {s: [t["ID"] for t in site.running_tasks(s)] for s in tasks} == {
+        s: [t["ID"] for t in running] for s, running in tasks.items()
+    }  # nothing replaced
+    data = _cluster_verify(site, monkeypatch, capsys)  # liveness: 503, but a one-token completion succeeds
+    assert data["passed"], json.dumps(data, indent=1)[:3000]
+
+
 def test_cluster_verify_fails_while_a_class_is_short_of_replicas(site, monkeypatch, capsys):
     service = f"{STACK}_{site.fleet_plan().classes[1].service}"
     site.manager.cli("service", "scale", "--detach", f"{service}=0")

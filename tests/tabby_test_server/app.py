@@ -14,6 +14,8 @@ Settings beyond TabbyAPI's own live in config.yml's `test_server:` section, each
   first_token_delay_s, token_delay_s (GLM_TEST_SERVER_FIRST_TOKEN_DELAY_S, ..._TOKEN_DELAY_S): simulated GPU time,
       token j of a generation is ready first_token_delay_s + j * token_delay_s after it starts; default 0
   tokens_per_chunk (GLM_TEST_SERVER_TOKENS_PER_CHUNK): tokens per streamed event, default 1
+  fail_generations (GLM_TEST_SERVER_FAIL_GENERATIONS=1): every completion fails with 503 and adds a /health issue,
+      /v1/model stays 200 (a server that cannot generate, e.g. its GPU memory taken)
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class TestServerOptions:
     oom: bool
     think: bool
     pacing: Pacing
+    fail_generations: bool
 
 
 def _env_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +113,7 @@ def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
         oom=bool(section.get("oom", False)),
         think=bool(section.get("think", True)),
         pacing=pacing,
+        fail_generations=bool(section.get("fail_generations", False)),
     )
 
 
@@ -189,6 +193,7 @@ def prepare(config: dict[str, Any], workdir: Path) -> Prepared:
         disable_auth=disable_auth,
         think=options.think,
         pacing=options.pacing,
+        fail_generations=options.fail_generations,
     )
     return Prepared(
         state=state,

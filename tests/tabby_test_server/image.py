@@ -1,7 +1,8 @@
 """Build the test server image (used by every Docker test that needs "a TabbyAPI" without a GPU).
 
-The image carries what `deploy status` reads from a real TabbyAPI image: package metadata for exllamav3 and torch
-(TEST DOUBLES: a dist-info folder each, no code) and the TabbyAPI commit file the rendered Dockerfile writes.
+The image carries what the rendered compose file and `deploy status` use in a real TabbyAPI image: the health
+probe (dockerfiles/healthcheck.py, at the same path), package metadata for exllamav3 and torch (TEST DOUBLES: a
+dist-info folder each, no code) and the TabbyAPI commit file the rendered Dockerfile writes.
 Their versions default to the pinned stack (profiles/tabbyapi.yaml, CUDA 12: what a plan for --gpus gets), so a
 test can build an image that matches its plan or one that differs.
 """
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.facts import layout
+from toolkit.facts.paths import DOCKERFILES_DIR
 from toolkit.facts.tabby_pin import load_tabby_pin
 
 CONTEXT_DIR = Path(__file__).resolve().parent
@@ -52,9 +55,12 @@ def write_stack_doubles(folder: Path, packages: dict[str, str]) -> Path:
 
 
 def prepare_context(dest: Path, stack: ImageStack | None = None) -> Path:
-    """A build context: the test server's files plus the stack's test doubles (dest must not exist)."""
+    """A build context: the test server's files, the image's health probe and the stack's test doubles (dest must
+    not exist)."""
     stack = stack or pinned_stack()
     shutil.copytree(CONTEXT_DIR, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (dest / "glm-deploy").mkdir()
+    shutil.copy(DOCKERFILES_DIR / layout.HEALTHCHECK_SCRIPT, dest / "glm-deploy" / layout.HEALTHCHECK_SCRIPT)
     write_stack_doubles(dest / DOUBLES_DIR, {"exllamav3": stack.exllamav3, "torch": stack.torch})
     # What the rendered Dockerfile writes at build: the ref built, its commit, the tree's HEAD.
     record = {"ref": stack.tabbyapi, "commit": stack.tabbyapi, "head": stack.tabbyapi}

@@ -13,8 +13,10 @@ chunk shapes (endpoints/OAI/utils/completion.py, chat_completion.py): a completi
 then `[DONE]`. A generation error inside a stream is an error event (HTTP 200) and no `[DONE]`, as in TabbyAPI.
 
 Test hooks (documented in README.md): a prompt or message containing ERROR_TRIGGER fails the generation and makes
-/health 503 for good; pacing (first_token_delay_s, token_delay_s, tokens_per_chunk) for speed-measurement tests;
-settings in config.yml's `test_server:` section or GLM_TEST_SERVER_* env vars.
+/health 503 for good while later requests are served (as measured on TabbyAPI e632af4); fail_generations makes
+every generation fail (a server that cannot generate, /v1/model still 200); pacing (first_token_delay_s,
+token_delay_s, tokens_per_chunk) for speed-measurement tests; settings in config.yml's `test_server:` section or
+GLM_TEST_SERVER_* env vars.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ import numpy as np
 from .model import EOS_ID, THINK_END_ID, THINK_ID, TinyModel
 
 ERROR_TRIGGER = "<<glm-test-server:generation-error>>"
+# A failed generation inside a stream: TabbyAPI's get_generator_error text (seen on an H200,
+# benchmarks/gpu_stack/RESULTS.md section 3); a non-streamed one is a 503 naming the request.
+STREAM_ABORTED = "{what} aborted. Please check the server console."
 OOM_MESSAGE = "Insufficient VRAM in split for model and cache"
 REASONING_TOKENS = 8
 
@@ -83,6 +88,7 @@ class ServerState:
     disable_auth: bool
     think: bool
     pacing: Pacing = Pacing()
+    fail_generations: bool = False  # a server that cannot generate (test_server.fail_generations)
     model: TinyModel | None = None
     issues: list[dict[str, str]] = field(default_factory=list)
     served: Counter[str] = field(default_factory=Counter)  # requests per "METHOD /path", for tests that count
@@ -266,10 +272,19 @@ def _generate(
 
 
 def _fail_if_triggered(state: ServerState, text: str, what: str) -> None:
-    """The documented way to make a generation fail (and /health go 503 for good)."""
-    if ERROR_TRIGGER in text:
+    """A failed generation as TabbyAPI answers it (503, an issue on /health for good, the next request served);
+    triggered by ERROR_TRIGGER in the prompt, or every time when the server cannot generate (fail_generations:
+    as measured with the GPU's memory taken by another process, benchmarks/gpu_stack/RESULTS.md section 3)."""
+    if state.fail_generations:
+        state.add_issue("OutOfMemoryError: CUDA out of memory (test server: fail_generations)")
+    elif ERROR_TRIGGER in text:
         state.add_issue("RuntimeError: test server: generation error requested by the prompt")
-        raise ApiError(503, f"{what} aborted. Maybe the model was unloaded? Please check the server console.")
+    else:
+        return
+    raise ApiError(
+        503,
+        f"{what} {uuid.uuid4().hex} aborted. Maybe the model was unloaded? Please check the server console.",
+    )
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -412,8 +427,8 @@ def _stream_completions(
     for index, (prompt, prompt_ids) in enumerate(zip(prompts, encoded)):
         try:
             _fail_if_triggered(state, prompt, "Completion")
-        except ApiError as error:
-            streamer.error(str(error.detail))
+        except ApiError:
+            streamer.error(STREAM_ABORTED.format(what="Completion"))
             return
         choice = StreamedChoice(index=index, delta_field="content")
         generation = _generate(state, prompt_ids, body, 0, on_token=streamer.on_token(choice, False))
@@ -515,8 +530,8 @@ def _stream_chat(
     started = time.monotonic()
     try:
         _fail_if_triggered(state, prompt, "Chat completion")
-    except ApiError as error:
-        streamer.error(str(error.detail))
+    except ApiError:
+        streamer.error(STREAM_ABORTED.format(what="Chat completion"))
         return
     choice = StreamedChoice(index=0, delta_field="content")
     generation = _generate(

@@ -9,7 +9,8 @@ The stack (built as data, dumped as safe YAML):
   failure): the last healthy replica is never taken down. An update therefore needs one replica's GPUs free in
   the class; until they are, the new task waits (pending) and the old one keeps serving;
 - one endpoint: an HAProxy gateway that balances over every class's healthy tasks (Docker's DNS
-  `tasks.<service>`), checks /health itself and retries connection failures on another replica. One gateway is
+  `tasks.<service>`), checks each replica's port (TCP: /health cannot tell one failed request from a replica that
+  cannot serve; the Swarm healthcheck, the image's probe, can) and retries connection failures on another replica. One gateway is
   needed because two services cannot publish the same port. It runs on every node (global) and publishes the
   endpoint port there in host mode (works without IPVS), or through the routing mesh (`endpoint.mode: ingress`).
   Running on every node also works around moby/moby#44378: a task that claims generic resources and joins an

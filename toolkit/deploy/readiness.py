@@ -1,7 +1,9 @@
-"""Wait until a started TabbyAPI serves the planned model: port open -> /health 200 -> /v1/model matches the plan.
+"""Wait until a started TabbyAPI serves the planned model: port open -> /health answers -> /v1/model matches the plan.
 
 TabbyAPI loads the model before it opens its port, and /health does not say whether a model is loaded
-(../shared/facts/tabbyapi.md), so only /v1/model with the planned id, cache mode and context proves readiness --
+(../shared/facts/tabbyapi.md); it stays 503 after one failed generation while the server serves on (a kept
+container may be in that state), so 503 counts as up too. Only /v1/model with the planned id, cache mode and
+context proves readiness --
 the one readiness model of toolkit.verify.readiness, which `deploy verify` checks too.
 While waiting, the container is watched: an exit or restart is diagnosed from its log at once.
 """
@@ -77,7 +79,7 @@ def wait_ready(
                 try:
                     health = client.health()
                     stage = "healthy" if health.status_code == 200 else f"/health {health.status_code}"
-                    if health.status_code == 200:
+                    if health.status_code in (200, 503):
                         model = client.model()
                         problems = model_problems(model, expect)
                         if problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 DOCKERFILE = "Dockerfile"
 PR295_SCRIPT = "ensure-pr295.sh"  # the PR #295 build step, COPY'd by the Dockerfile
 CHECK_STACK_SCRIPT = "check_stack.py"  # the build step checking the installed stack's versions
+HEALTHCHECK_SCRIPT = "healthcheck.py"  # the image's health probe (runtime.CONTAINER_HEALTHCHECK)
 DOCKERIGNORE = ".dockerignore"
 CONFIG = "config.yml"  # TabbyAPI's config
 COMPOSE = "compose.yaml"

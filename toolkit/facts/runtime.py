@@ -14,3 +14,6 @@ CACHE_PAGE_TOKENS = 256
 CONTAINER_CONFIG = "/app/config.yml"
 CONTAINER_API_TOKENS = "/app/api_tokens.yml"
 CONTAINER_MODELS_DIR = "/app/models"
+# The image's health probe (dockerfiles/healthcheck.py, COPY'd here): healthy means "can serve", because TabbyAPI's
+# /health stays 503 after any failed generation even while it serves (benchmarks/gpu_stack/RESULTS.md section 3).
+CONTAINER_HEALTHCHECK = "/usr/local/lib/glm-deploy/healthcheck.py"

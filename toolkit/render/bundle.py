@@ -32,6 +32,7 @@ from .compose import ComposeInputs, compose_yaml, env_text
 from .config import config_yaml, model_folder, serving_for, tabby_config
 from .dockerfile import (
     CHECK_STACK_SCRIPT,
+    HEALTHCHECK_SCRIPT,
     PR295_SCRIPT,
     DockerfileInputs,
     arch_list,
@@ -56,7 +57,8 @@ __all__ = [
 
 IMAGE_REPOSITORY = "glm-deploy/tabbyapi"
 IMAGE_USER_ID = 10001  # the image's non-root user (dockerfiles/tabbyapi.Dockerfile.j2)
-BUILD_CONTEXT = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.CHECK_STACK_SCRIPT)  # all the build is sent
+# All the build is sent (never the keys or config).
+BUILD_CONTEXT = (layout.DOCKERFILE, layout.PR295_SCRIPT, layout.CHECK_STACK_SCRIPT, layout.HEALTHCHECK_SCRIPT)
 SECRET_MODE = 0o600
 _KEY_ALPHABET = set("0123456789abcdefABCDEF-_" + "ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ")
 
@@ -230,6 +232,7 @@ def render_files(
         layout.DOCKERFILE: (dockerfile, 0o644),
         layout.PR295_SCRIPT: (script_text(PR295_SCRIPT), 0o755),
         layout.CHECK_STACK_SCRIPT: (script_text(CHECK_STACK_SCRIPT), 0o644),
+        layout.HEALTHCHECK_SCRIPT: (script_text(HEALTHCHECK_SCRIPT), 0o644),
         # The build context is this folder: send only what the build needs (never the keys or config).
         layout.DOCKERIGNORE: ("*\n" + "".join(f"!{name}\n" for name in BUILD_CONTEXT), 0o644),
         layout.CONFIG: (config_yaml(tabby_config(plan, serving), digest), 0o644),

@@ -16,6 +16,7 @@ from ..facts.paths import COMPOSE_DIR
 from ..facts.runtime import (
     CONTAINER_API_TOKENS,
     CONTAINER_CONFIG,
+    CONTAINER_HEALTHCHECK,
     CONTAINER_MODELS_DIR,
     CONTAINER_PORT,
     DEFAULT_HOST_PORT,
@@ -82,8 +83,21 @@ def merge(base: dict[str, Any], decided: dict[str, Any], where: str = "") -> dic
 
 
 def health_test() -> list[str]:
-    """The health check's command: TabbyAPI's /health inside the container."""
-    return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{CONTAINER_PORT}/health"]
+    """The health check's command: healthy means "can serve" -- /health 200, or a one-token completion when
+    TabbyAPI's /health is stuck at 503 after a failed generation (dockerfiles/healthcheck.py, in the image). The
+    image's HEALTHCHECK, compose.yaml and the Swarm services run the same command."""
+    return [
+        "CMD",
+        "python3",
+        CONTAINER_HEALTHCHECK,
+        f"http://127.0.0.1:{CONTAINER_PORT}",
+        CONTAINER_API_TOKENS,
+    ]
+
+
+def health_timeout() -> str:
+    """The health check's timeout, compose/tabbyapi.yaml's (the image's HEALTHCHECK uses it too)."""
+    return str(compose_base(SERVICE_BASE)["healthcheck"]["timeout"])
 
 
 def compose_dict(inputs: ComposeInputs) -> dict[str, Any]:

@@ -11,11 +11,13 @@ from typing import Any
 from ..errors import BadInput, EnvironmentMissing
 from ..facts import layout
 from ..facts.paths import DOCKERFILES_DIR
-from ..facts.runtime import CONTAINER_PORT
+from ..facts.runtime import CONTAINER_API_TOKENS, CONTAINER_HEALTHCHECK, CONTAINER_PORT
+from .compose import health_timeout
 
 TEMPLATE = "tabbyapi.Dockerfile.j2"
 PR295_SCRIPT = DOCKERFILES_DIR / layout.PR295_SCRIPT
 CHECK_STACK_SCRIPT = DOCKERFILES_DIR / layout.CHECK_STACK_SCRIPT
+HEALTHCHECK_SCRIPT = DOCKERFILES_DIR / layout.HEALTHCHECK_SCRIPT
 DOCKERFILE_HASH_LABEL = "io.glm-deploy.dockerfile-sha256"
 # Used when the planned GPUs' compute capabilities are unknown (a plan made from a --gpus spec): every
 # architecture TabbyAPI/exllamav3 supports (Ampere 8.0 and newer, ../shared/facts/tabbyapi.md) that the
@@ -137,9 +139,13 @@ def render_dockerfile(inputs: DockerfileInputs) -> str:
     values = dict(vars(inputs))
     values["description"] = f"TabbyAPI with PR 295 serving {inputs.model} {inputs.quant}"
     values["container_port"] = CONTAINER_PORT
+    values["healthcheck_path"] = CONTAINER_HEALTHCHECK
+    values["healthcheck_timeout"] = health_timeout()
+    values["api_tokens_path"] = CONTAINER_API_TOKENS
     for key, path in (
         ("script_sha256", PR295_SCRIPT),
         ("check_stack_sha256", CHECK_STACK_SCRIPT),
+        ("healthcheck_sha256", HEALTHCHECK_SCRIPT),
     ):
         values[key] = hashlib.sha256(script_text(path).encode()).hexdigest()
     values["torch_requirement"] = f"torch=={inputs.torch}"

@@ -159,6 +159,14 @@ class TabbyClient:
         """GET /v1/model: {"id", "parameters": {max_seq_len, cache_size, cache_mode, ...}}; 503 before load."""
         return self._json("GET", "/v1/model")
 
+    def generate_one_token(self) -> None:
+        """POST /v1/completions for one token: proves the server can generate now (ServerError when not)."""
+        self._json(
+            "POST",
+            "/v1/completions",
+            {"prompt": "Hello", "max_tokens": 1, "stream": False, **NEUTRAL_SAMPLERS},
+        )
+
     def encode(self, text: str, add_bos_token: bool = False) -> list[int]:
         """POST /v1/token/encode of a string, with the same BOS and special-token choice as the completions."""
         data = self._json(

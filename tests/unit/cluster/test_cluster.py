@@ -265,6 +265,12 @@ def test_stack_per_class_services_generic_resources_configs_secret_and_updates(t
             "rollback",
         )
         assert service["healthcheck"]["start_period"] == f"{start_period_s(node_class.plan.weights_gib)}s"
+        # the image's "can serve" probe, not /health (503 for good after one failed generation)
+        assert service["healthcheck"]["test"][:3] == [
+            "CMD",
+            "python3",
+            "/usr/local/lib/glm-deploy/healthcheck.py",
+        ]
         config = service["configs"][0]
         assert config["target"] == "/app/config.yml"
         config_file = out / stack["configs"][config["source"]]["file"]
@@ -298,6 +304,10 @@ def test_stack_per_class_services_generic_resources_configs_secret_and_updates(t
     haproxy = (out / "gateway" / "haproxy.cfg").read_text()
     for node_class in fleet_plan.classes:
         assert f"tasks.glm_{node_class.service}:5000" in haproxy
+    # the gateway checks ports, never /health: one failed request must not take a replica out of rotation
+    settings = "\n".join(line for line in haproxy.splitlines() if not line.strip().startswith("#"))
+    assert "httpchk" not in settings and "http-check" not in settings and "/health" not in settings
+    assert "default-server check " in settings and "observe layer4" in settings and "layer7" not in settings
     # One key for the whole endpoint: 0600 everywhere, never printed, never inside another file.
     key = yaml.safe_load((out / "api_tokens.yml").read_text())["api_key"]
     assert stack["secrets"]["api_tokens"]["file"] == "./api_tokens.yml"

@@ -189,12 +189,13 @@ def test_dockerfile_structure(tmp_path: Path) -> None:
     assert (
         len(health) == 1
         and f"--start-period={start_period_s(158.0)}s" in health[0]
-        and "/health" in health[0]
+        and '"python3", "/usr/local/lib/glm-deploy/healthcheck.py", "http://127.0.0.1:5000"' in health[0]
+        and "--timeout=30s" in health[0]
     )
     assert parser.envs["TORCH_CUDA_ARCH_LIST"] == "9.0"
     copies = [i["value"] for i in parser.structure if i["instruction"] == "COPY"]
     assert not any("api_tokens" in c or "config.yml" in c for c in copies)
-    ignore = "*\n!Dockerfile\n!ensure-pr295.sh\n!check_stack.py\n"
+    ignore = "*\n!Dockerfile\n!ensure-pr295.sh\n!check_stack.py\n!healthcheck.py\n"
     assert ignore == (bundle.out_dir / ".dockerignore").read_text()
 
 
@@ -298,6 +299,13 @@ def test_compose_reserves_exactly_the_planned_gpus(tmp_path: Path) -> None:
     }
     assert service["ports"][0]["host_ip"] == "${GLM_BIND:-127.0.0.1}"
     assert service["healthcheck"]["start_period"] == f"{start_period_s(plan.weights_gib)}s"
+    assert service["healthcheck"]["test"] == [
+        "CMD",
+        "python3",
+        "/usr/local/lib/glm-deploy/healthcheck.py",
+        "http://127.0.0.1:5000",
+        "/app/api_tokens.yml",
+    ]
     assert service["ulimits"]["memlock"] == -1 and service["restart"] == "unless-stopped"
     assert service["logging"]["options"] == {"max-size": "50m", "max-file": "5"}
 

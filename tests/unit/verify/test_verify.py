@@ -291,21 +291,52 @@ def test_reasoning_in_content_fails_the_function_check(tmp_path, key_file, capsy
     assert code == 5 and "PR #295" in function["detail"]
 
 
-def test_sticky_unhealthy_server_reports_its_issues(tmp_path, key_file, capsys):
+def test_a_sticky_503_after_one_failed_generation_still_passes_liveness(tmp_path, key_file, capsys):
+    """TabbyAPI keeps /health at 503 after one failed generation while it serves on: verify says so, and passes."""
     import httpx
 
     server = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny", "reasoning": True})
     try:
-        httpx.post(
+        failed = httpx.post(
             f"{server.url}/v1/completions",
             headers={"X-API-Key": KEY},
             json={"prompt": ERROR_TRIGGER, "max_tokens": 1},
         )
+        assert failed.status_code == 503 and httpx.get(f"{server.url}/health").status_code == 503
         code, report = _verify(capsys, "--url", server.url, "--api-key-file", str(key_file))
     finally:
         server.stop()
     liveness = report["checks"][0]
-    assert code == 5 and "503" in liveness["detail"] and "generation error" in liveness["detail"]
+    assert liveness["passed"] and "503" in liveness["detail"] and "generation error" in liveness["detail"]
+    assert "one-token completion succeeds" in liveness["detail"]
+    assert code == 0, report
+
+
+def test_a_server_that_cannot_generate_fails_liveness(tmp_path, key_file, capsys):
+    import httpx
+
+    server = testing.start(
+        tmp_path,
+        api_key=KEY,
+        model={"model_name": "tiny", "reasoning": True},
+        test_server={"fail_generations": True},
+    )
+    try:
+        # a client's request fails first (as measured: /health turns 503, /v1/model stays 200)
+        failed = httpx.post(
+            f"{server.url}/v1/completions", headers={"X-API-Key": KEY}, json={"prompt": "Hi", "max_tokens": 1}
+        )
+        assert failed.status_code == 503
+        assert httpx.get(f"{server.url}/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+        code, report = _verify(capsys, "--url", server.url, "--api-key-file", str(key_file))
+    finally:
+        server.stop()
+    checks = {c["name"]: c for c in report["checks"]}
+    assert (
+        code == 5 and not checks["liveness"]["passed"] and "cannot generate" in checks["liveness"]["detail"]
+    )
+    assert "503" in checks["liveness"]["detail"] and "aborted" in checks["liveness"]["detail"]
+    assert checks["readiness"]["passed"] and not checks["function"]["passed"]
 
 
 def test_wait_covers_a_closed_port_during_model_load(tmp_path, key_file, capsys):
