@@ -16,6 +16,9 @@ Settings beyond TabbyAPI's own live in config.yml's `test_server:` section, each
   tokens_per_chunk (GLM_TEST_SERVER_TOKENS_PER_CHUNK): tokens per streamed event, default 1
   fail_generations (GLM_TEST_SERVER_FAIL_GENERATIONS=1): every completion fails with 503 and adds a /health issue,
       /v1/model stays 200 (a server that cannot generate, e.g. its GPU memory taken)
+  reasoning_parser (GLM_TEST_SERVER_REASONING_PARSER): "tabby" (TabbyAPI's split, default), or what a broken parser
+      returns: "none" (nothing split, markers in content), "no-end" (the end tag missed: the answer stays in
+      reasoning_content, the marker with it)
 """
 
 from __future__ import annotations
@@ -37,8 +40,14 @@ from .model import TinyModel, whole_bits
 from .server import OOM_MESSAGE, ModelSettings, Pacing, ServerState, make_http_server
 
 DEFAULT_MAX_SEQ_LEN = 8192
-# TabbyAPI accepts FP16, Q4/Q6/Q8 and "K,V" with 2-8 bits each (tabbyapi.md); "k5v4" is rejected.
-CACHE_MODE = re.compile(r"^(FP16|Q4|Q6|Q8|[2-8],[2-8])$")
+# TabbyAPI's default for transformer models (backends/exllamav3/model.py: 4 only for recurrent ones); /v1/model
+# reports it.
+DEFAULT_MAX_BATCH_SIZE = 128
+# TabbyAPI accepts FP16, Q4/Q6/Q8 and "K,V" with 2-8 bits each, spaces allowed around the comma ("5, 4";
+# common/config_models.py CACHE_TYPE); "k5v4" is rejected. /v1/model reports it as given.
+CACHE_MODE = re.compile(r"^(FP16|Q4|Q6|Q8|[2-8]\s*,\s*[2-8])$")
+START_IN_REASONING = ("auto", "always", "never")
+REASONING_PARSERS = ("tabby", "none", "no-end")
 # A whole "<number>bpw" (3.84bpw-tuned, GLM-4.7-EXL3-4bpw_H6), never the tail of a longer number (84 of 3.84).
 BPW_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)bpw")
 
@@ -59,6 +68,7 @@ class TestServerOptions:
     think: bool
     pacing: Pacing
     fail_generations: bool
+    reasoning_parser: str
 
 
 def _env_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +115,11 @@ def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
     )
     if pacing.first_token_delay_s < 0 or pacing.token_delay_s < 0 or pacing.tokens_per_chunk < 1:
         raise ConfigError("test_server delays must be >= 0 and tokens_per_chunk >= 1")
+    parser = str(section.get("reasoning_parser", "tabby"))
+    if parser not in REASONING_PARSERS:
+        raise ConfigError(
+            f"test_server.reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got {parser!r}"
+        )
     return TestServerOptions(
         bits=bits,
         seed=int(section.get("seed", 0)),
@@ -114,6 +129,7 @@ def _options(config: dict[str, Any], model_name: str) -> TestServerOptions:
         think=bool(section.get("think", True)),
         pacing=pacing,
         fail_generations=bool(section.get("fail_generations", False)),
+        reasoning_parser=parser,
     )
 
 
@@ -129,6 +145,11 @@ def _settings(model: dict[str, Any]) -> ModelSettings | None:
     if cache_size % 256:
         raise ConfigError(f"cache_size {cache_size} is not a multiple of 256")
     cache_mode = str(model.get("cache_mode") or "FP16")
+    start_in_reasoning = str(model.get("start_in_reasoning") or "auto")
+    if start_in_reasoning not in START_IN_REASONING:
+        # TabbyAPI warns "Invalid start_in_reasoning value ..., using 'auto'." and goes on
+        print(f"WARNING: Invalid start_in_reasoning value {start_in_reasoning!r}, using 'auto'.", flush=True)
+        start_in_reasoning = "auto"
     if not CACHE_MODE.match(cache_mode):
         raise ConfigError(f'invalid cache_mode {cache_mode!r}: use FP16, Q4, Q6, Q8 or "K,V" with 2-8 bits')
     return ModelSettings(
@@ -136,11 +157,13 @@ def _settings(model: dict[str, Any]) -> ModelSettings | None:
         max_seq_len=min(max_seq_len, cache_size),
         cache_size=cache_size,
         cache_mode=cache_mode,
-        max_batch_size=int(model.get("max_batch_size") or 1),
-        chunk_size=int(model.get("chunk_size") or 2048),
+        max_batch_size=int(model.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE),
+        # TabbyAPI's adjust_chunk_size: at least 256, rounded up to a multiple of 256
+        chunk_size=-(-max(256, int(model.get("chunk_size") or 2048)) // 256) * 256,
         reasoning=bool(model.get("reasoning", False)),
         reasoning_start_token=str(model.get("reasoning_start_token") or "<think>"),
         reasoning_end_token=str(model.get("reasoning_end_token") or "</think>"),
+        start_in_reasoning=start_in_reasoning,
     )
 
 
@@ -194,6 +217,7 @@ def prepare(config: dict[str, Any], workdir: Path) -> Prepared:
         think=options.think,
         pacing=options.pacing,
         fail_generations=options.fail_generations,
+        reasoning_parser=options.reasoning_parser,
     )
     return Prepared(
         state=state,

@@ -22,6 +22,7 @@ GLM_TEST_SERVER_* env vars.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -52,6 +53,28 @@ class ApiError(Exception):
         self.status = status
         self.detail = detail
 
+    def body(self) -> dict[str, Any]:
+        """The JSON answer."""
+        return {"detail": self.detail}
+
+
+class ContextLengthError(ApiError):
+    """TabbyAPI's context overflow (common/errors.py): 400 with the OpenAI error shape, not {"detail": ...}."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+    def body(self) -> dict[str, Any]:
+        """{"error": {message, type, param, code: context_length_exceeded}}."""
+        return {
+            "error": {
+                "message": self.detail,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "context_length_exceeded",
+            }
+        }
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -66,6 +89,7 @@ class ModelSettings:
     reasoning: bool
     reasoning_start_token: str
     reasoning_end_token: str
+    start_in_reasoning: str  # auto | always | never
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,7 @@ class ServerState:
     think: bool
     pacing: Pacing = Pacing()
     fail_generations: bool = False  # a server that cannot generate (test_server.fail_generations)
+    reasoning_parser: str = "tabby"  # tabby | none | no-end (test_server.reasoning_parser)
     model: TinyModel | None = None
     issues: list[dict[str, str]] = field(default_factory=list)
     served: Counter[str] = field(default_factory=Counter)  # requests per "METHOD /path", for tests that count
@@ -178,19 +203,36 @@ class Steering:
 
 
 def chat_steering(think: bool, max_tokens: int) -> Steering:
-    """GLM-4.7's shape: with thinking on, <think>, reasoning, </think>, then content; the markers are structural.
+    """GLM-4.7's shape: its template opens <think> in the prompt, so the model writes reasoning, </think>, content.
 
-    The markers are never sampled, EOS cannot end the reasoning or come first in the content, so every chat
-    answer with at least 2 tokens of room is a well-formed <think>...</think> block followed by content (at least
-    one token of it from 3 tokens of room): what the reasoning parser splits then depends on the split, not on
-    what a low-bit model happens to sample. </think> comes at step min(REASONING_TOKENS, max_tokens // 2), at
-    least 1 (REASONING_TOKENS without max_tokens).
+    The markers are structural: </think> is placed, never sampled (nor is <think>), and EOS cannot end the
+    reasoning or come first in the content, so every chat answer with at least 2 tokens of room is reasoning,
+    </think> and content (at least one token of it from 3 tokens of room): what comes back as reasoning_content
+    and content then depends on the reasoning parser and start_in_reasoning, as in TabbyAPI, not on what a low-bit
+    model happens to sample. </think> comes at step min(REASONING_TOKENS, max_tokens // 2), at least 1
+    (REASONING_TOKENS without max_tokens).
     """
     markers = (THINK_ID, THINK_END_ID)
     if not think:
         return Steering(banned=markers, stop_from=1)
     close = min(REASONING_TOKENS, max(max_tokens // 2, 1)) if max_tokens else REASONING_TOKENS
-    return Steering(forced={0: THINK_ID, close: THINK_END_ID}, banned=markers, stop_from=close + 2)
+    return Steering(forced={close: THINK_END_ID}, banned=markers, stop_from=close + 2)
+
+
+def check_context(settings: ModelSettings, prompt_tokens: int) -> None:
+    """TabbyAPI's validate_context_requirements with its defaults (output chunking on: a job first allocates
+    prompt - 1 + chunk_size tokens, rounded up to 256-token pages); a longer max_tokens is not an error, the
+    generation ends at max_seq_len."""
+    if prompt_tokens > settings.max_seq_len:
+        raise ContextLengthError(
+            f"Prompt length {prompt_tokens} exceeds the available context size of {settings.max_seq_len} tokens"
+        )
+    required = -(-(prompt_tokens - 1 + settings.chunk_size) // 256) * 256
+    if required > settings.cache_size:
+        raise ContextLengthError(
+            f"Initial job allocation requires {required} cache tokens, which exceeds the available context "
+            f"size of {settings.cache_size} tokens"
+        )
 
 
 @dataclass
@@ -211,14 +253,9 @@ def _max_tokens(state: ServerState, prompt_ids: list[int], body: dict[str, Any])
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0
     ):
         raise _validation_error("max_tokens", "must be a non-negative integer")
+    check_context(settings, len(prompt_ids))
     if not max_tokens:
         max_tokens = settings.max_seq_len - len(prompt_ids) - 1
-    if len(prompt_ids) + max_tokens > settings.max_seq_len:
-        raise ApiError(
-            400,
-            f"Context length {len(prompt_ids) + max_tokens} is greater than max_seq_len "
-            f"{settings.max_seq_len}. The request exceeds the available context size.",
-        )
     return max_tokens
 
 
@@ -231,8 +268,11 @@ def _generate(
     on_token: Callable[[int], None] | None = None,
 ) -> Generation:
     """Sample up to max_tokens tokens as steered (a completion is not steered; a chat is, chat_steering), paced
-    by state.pacing; on_token sees each token when it is ready. ban_eos_token (alias ignore_eos) bans EOS."""
+    by state.pacing; on_token sees each token when it is ready. ban_eos_token (alias ignore_eos) bans EOS. The
+    generation ends at max_seq_len (TabbyAPI: a larger max_tokens is no error)."""
     model = _loaded(state)
+    settings = state.settings
+    assert settings is not None
     max_tokens = _max_tokens(state, prompt_ids, body)
     ban_eos = bool(body.get("ban_eos_token", body.get("ignore_eos", False)))
     rng = np.random.default_rng(len(prompt_ids))
@@ -240,7 +280,7 @@ def _generate(
     records: list[dict[str, Any]] = []
     finish_reason = "length"
     started = time.monotonic()
-    for step in range(max_tokens):
+    for step in range(min(max_tokens, settings.max_seq_len - len(prompt_ids))):
         logprobs = model.logprobs(prompt_ids + ids)
         token = steering.forced.get(step)
         if token is None:
@@ -385,14 +425,20 @@ class Streamer:
             choice.pending.clear()
             self.sink.send(self._chunk(self._text_choice(choice.index, text, choice.delta_field, None)))
 
-    def on_token(self, choice: StreamedChoice, split_reasoning: bool) -> Callable[[int], None]:
-        """The per-token callback: chunks of pacing.tokens_per_chunk tokens; reasoning markers switch the field."""
+    def on_token(self, choice: StreamedChoice, split: ReasoningSplit | None) -> Callable[[int], None]:
+        """The per-token callback: chunks of pacing.tokens_per_chunk tokens; in a chat the reasoning split (the same
+        as the non-streamed answer's) picks delta.reasoning_content or delta.content."""
+        model = _loaded(self.state)
 
         def take(token: int) -> None:
-            if split_reasoning and token in (THINK_ID, THINK_END_ID):
+            channel = split.route(model.tokenizer.pieces[token]) if split else "content"
+            if channel is None:  # a consumed reasoning tag
                 self.flush(choice)
-                choice.delta_field = "reasoning_content" if token == THINK_ID else "content"
                 return
+            field_name = "reasoning_content" if channel == "reasoning" else "content"
+            if field_name != choice.delta_field:
+                self.flush(choice)
+                choice.delta_field = field_name
             choice.pending.append(token)
             if len(choice.pending) >= self.state.pacing.tokens_per_chunk:
                 self.flush(choice)
@@ -431,7 +477,7 @@ def _stream_completions(
             streamer.error(STREAM_ABORTED.format(what="Completion"))
             return
         choice = StreamedChoice(index=index, delta_field="content")
-        generation = _generate(state, prompt_ids, body, 0, on_token=streamer.on_token(choice, False))
+        generation = _generate(state, prompt_ids, body, 0, on_token=streamer.on_token(choice, None))
         streamer.flush(choice)
         completion_tokens += len(generation.ids)
         finish_reason = generation.finish_reason
@@ -504,10 +550,67 @@ def completions(
     }
 
 
-def chat_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    """The test model's chat template (GLM-like role markers)."""
+def chat_prompt(
+    messages: list[dict[str, Any]], add_generation_prompt: bool = True, think: bool = True
+) -> str:
+    """The test model's chat template, GLM-4.7-like: role markers, and a generation prompt that opens the reasoning
+    block itself (`<|assistant|><think>`), or closes it when thinking is off (`</think>`, enable_thinking false)."""
     text = "".join(f"<|{m.get('role', 'user')}|>\n{m.get('content') or ''}" for m in messages)
-    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+    if not add_generation_prompt:
+        return text
+    return text + "<|assistant|>\n" + ("<think>" if think else "</think>")
+
+
+TAG_PATTERN_MAX = 32  # TabbyAPI's _tags_max_length
+THINK_PREFIX_MAX_CHARS = 256  # TabbyAPI's _think_prefix_max_chars
+
+
+def starts_in_reasoning(settings: ModelSettings, prompt: str) -> bool:
+    """TabbyAPI's _resolve_start_in_reasoning (endpoints/OAI/utils/chat_completion.py): always/never as set; auto
+    when the prompt's last reasoning tag is the start tag, near its end, with no other tag after it."""
+    if not settings.reasoning or settings.start_in_reasoning == "never":
+        return False
+    if settings.start_in_reasoning == "always":
+        return True
+    start, end = settings.reasoning_start_token, settings.reasoning_end_token
+    last_start, last_end = prompt.rfind(start), prompt.rfind(end)
+    if last_start <= last_end:
+        return False
+    after = last_start + len(start)
+    if len(prompt) - after > THINK_PREFIX_MAX_CHARS:
+        return False
+    tag = re.escape(start[:1]) + r"\S{1," + str(TAG_PATTERN_MAX - 2) + "}" + re.escape(start[-1:])
+    return re.search(tag, prompt[after:]) is None
+
+
+class ReasoningSplit:
+    """Routes generated tokens as TabbyAPI's TagStreamParser does: the reasoning tags are consumed and switch the
+    channel; the test model writes them as whole tokens. test_server.reasoning_parser swaps in what broken parsers
+    produce: "none" splits nothing (every token is content, markers included: TabbyAPI without PR #295, or
+    model.reasoning off), "no-end" never recognises the end tag (it and the answer stay in reasoning_content)."""
+
+    def __init__(self, state: ServerState, prompt: str) -> None:
+        settings = state.settings
+        assert settings is not None
+        mode = state.reasoning_parser if settings.reasoning else "none"
+        self.start = settings.reasoning_start_token if mode != "none" else None
+        self.end = settings.reasoning_end_token if mode == "tabby" else None
+        self.in_reasoning = mode != "none" and starts_in_reasoning(settings, prompt)
+
+    def route(self, piece: str) -> str | None:
+        """ "reasoning" or "content" for a token's text, None for a consumed tag."""
+        if piece in (self.start, self.end):
+            self.in_reasoning = piece == self.start
+            return None
+        return "reasoning" if self.in_reasoning else "content"
+
+
+def split_reasoning(state: ServerState, pieces: list[str], prompt: str) -> tuple[list[int], list[int]]:
+    """The positions of the generated tokens that go to reasoning_content and to content (ReasoningSplit)."""
+    router = ReasoningSplit(state, prompt)
+    channels = [router.route(piece) for piece in pieces]
+    reasoning = [i for i, channel in enumerate(channels) if channel == "reasoning"]
+    return reasoning, [i for i, channel in enumerate(channels) if channel == "content"]
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -535,7 +638,7 @@ def _stream_chat(
         return
     choice = StreamedChoice(index=0, delta_field="content")
     generation = _generate(
-        state, prompt_ids, body, 0, steering, streamer.on_token(choice, settings.reasoning)
+        state, prompt_ids, body, 0, steering, streamer.on_token(choice, ReasoningSplit(state, prompt))
     )
     streamer.flush(choice)
     total_time = time.monotonic() - started
@@ -554,28 +657,27 @@ def chat_completions(
     settings = state.settings
     assert settings is not None
     messages = _messages(body)
-    prompt = chat_prompt(messages)
+    template_vars = body.get("template_vars") if isinstance(body.get("template_vars"), dict) else {}
+    think = state.think and template_vars.get("enable_thinking", True) is not False
+    prompt = chat_prompt(messages, think=think)
     max_tokens = body.get("max_tokens")
     valid = isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
     room = max_tokens if valid else 0  # an invalid max_tokens is _generate's 422
     if body.get("stream") and sink is not None:
-        _stream_chat(state, body, prompt, chat_steering(state.think, room), sink)
+        _stream_chat(state, body, prompt, chat_steering(think, room), sink)
         return None
     _fail_if_triggered(state, prompt, "Chat completion")
     prompt_ids = model.tokenizer.encode(prompt)
     top_k = body.get("top_logprobs") or 0 if body.get("logprobs") else 0
-    generation = _generate(state, prompt_ids, body, top_k, chat_steering(state.think, room))
-    text = model.tokenizer.decode(generation.ids)
-    content, reasoning, span = text, None, generation.records
-    start, end = settings.reasoning_start_token, settings.reasoning_end_token
-    if settings.reasoning and text.startswith(start):
-        head, sep, tail = text[len(start) :].partition(end)
-        reasoning, content = head, tail if sep else ""
-        boundary = next((i for i, r in enumerate(span) if r["token"] == end), len(span))
-        span = span[boundary + 1 :]
+    generation = _generate(state, prompt_ids, body, top_k, chat_steering(think, room))
+    pieces = [model.tokenizer.pieces[i] for i in generation.ids]
+    reasoning_at, content_at = split_reasoning(state, pieces, prompt)
+    reasoning = model.tokenizer.decode([generation.ids[i] for i in reasoning_at])
+    content = model.tokenizer.decode([generation.ids[i] for i in content_at])
+    span = [generation.records[i] for i in content_at]  # logprobs: the content span only
     message = {
         "role": "assistant",
-        "content": content or None,
+        "content": content if content.strip() else None,
         "reasoning_content": reasoning or None,
         "tool_calls": None,
         "tool_call_id": None,
@@ -605,7 +707,7 @@ def token_encode(state: ServerState, body: dict[str, Any], sink: EventSink | Non
     model = _loaded(state)
     text = body.get("text")
     if isinstance(text, list):
-        text = chat_prompt(text, add_generation_prompt=False)
+        text = chat_prompt(text, add_generation_prompt=False, think=state.think)
     if not isinstance(text, str):
         raise ApiError(422, "Unable to tokenize the provided text. Check your formatting?")
     tokens = model.tokenizer.encode(text, encode_special_tokens=body.get("encode_special_tokens", True))
@@ -698,7 +800,7 @@ class Handler(BaseHTTPRequestHandler):
             if answer is not None:
                 self._send(200, answer)
         except ApiError as error:
-            self._send(error.status, {"detail": error.detail})
+            self._send(error.status, error.body())
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away mid-stream (a benchmark's timeout): nothing left to answer
 

@@ -110,7 +110,8 @@ def test_chat_splits_reasoning_when_configured(server, tmp_path):
         plain = _post(raw, "/v1/chat/completions", body).json()["choices"][0]["message"]
     finally:
         raw.stop()
-    assert plain["content"].startswith("<think>") and plain["reasoning_content"] is None
+    # no parser: the reasoning the template opened stays in content, up to and with the model's </think>
+    assert "</think>" in plain["content"] and plain["reasoning_content"] is None
 
 
 def test_generation_error_makes_health_503_for_good(server):
@@ -123,8 +124,46 @@ def test_generation_error_makes_health_503_for_good(server):
         assert "generation error" in health.json()["issues"][0]["description"]
 
 
-def test_context_overflow_is_rejected(server):
-    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 10**6}).status_code == 400
+def test_context_overflow_is_tabbyapis_openai_shaped_400(tmp_path):
+    # TabbyAPI common/errors.py: 400 {"error": {..., "code": "context_length_exceeded"}}, not FastAPI's {"detail"}
+    running = testing.start(
+        tmp_path,
+        api_key=KEY,
+        model={"model_name": "tiny", "max_seq_len": 512, "cache_size": 512, "chunk_size": 256},
+    )
+    try:
+        long_prompt = _post(running, "/v1/completions", {"prompt": "x" * 600, "max_tokens": 1})
+        assert long_prompt.status_code == 400 and long_prompt.json() == {
+            "error": {
+                "message": "Prompt length 600 exceeds the available context size of 512 tokens",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "context_length_exceeded",
+            }
+        }
+        # the first allocation (prompt - 1 + chunk_size, in 256-token pages) must fit the cache
+        allocation = _post(
+            running, "/v1/chat/completions", {"messages": [{"content": "x" * 300}], "max_tokens": 1}
+        )
+        assert allocation.status_code == 400 and allocation.json()["error"]["message"].startswith(
+            "Initial job allocation requires 768 cache tokens"
+        )
+        # a max_tokens beyond the context is no error: the generation ends at max_seq_len
+        long_answer = _post(running, "/v1/completions", {"prompt": "x" * 10, "max_tokens": 10**6}).json()
+        assert long_answer["choices"][0]["finish_reason"] == "length"
+        assert long_answer["usage"]["prompt_tokens"] + long_answer["usage"]["completion_tokens"] == 512
+    finally:
+        running.stop()
+
+
+def test_max_batch_size_defaults_to_tabbyapis_128_and_cache_modes_keep_their_spelling(tmp_path):
+    running = testing.start(tmp_path, api_key=KEY, model={"model_name": "tiny", "cache_mode": "5, 4"})
+    try:
+        card = httpx.get(f"{running.url}/v1/model", headers={"X-API-Key": KEY}).json()
+    finally:
+        running.stop()
+    assert card["parameters"]["max_batch_size"] == 128  # backends/exllamav3/model.py, non-recurrent models
+    assert card["parameters"]["cache_mode"] == "5, 4"  # accepted with spaces, reported as configured
 
 
 def _poll(condition, timeout_s: float = 30.0) -> bool:
@@ -333,15 +372,96 @@ def test_chat_reasoning_is_one_well_formed_block_then_content_at_any_bit_width(t
                         "max_tokens": max_tokens,
                         "temperature": temperature,
                     }
-                    text = _chat(raw, body)["content"]
-                    assert text.startswith("<think>") and text.count("<think>") == 1, text
-                    reasoning, end, content = text[len("<think>") :].partition("</think>")
-                    assert end and content and "<think>" not in content and "</think>" not in content, text
+                    text = _chat(raw, body)[
+                        "content"
+                    ]  # the template opened <think>: reasoning, </think>, content
+                    assert "<think>" not in text and text.count("</think>") == 1, text
+                    reasoning, end, content = text.partition("</think>")
+                    assert end and content, text
                     message = _chat(split, body)
                     assert (message["reasoning_content"] or "", message["content"]) == (reasoning, content)
         finally:
             raw.stop()
             split.stop()
+
+
+def _reasoning_server(tmp_path, name: str, model: dict | None = None, test_server: dict | None = None):
+    folder = tmp_path / name
+    folder.mkdir()
+    return testing.start(
+        folder,
+        api_key=KEY,
+        model={"model_name": "tiny", "reasoning": True, **(model or {})},
+        test_server={"bits": 4, **(test_server or {})},
+    )
+
+
+BODY = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 24, "temperature": 0}
+
+
+def test_start_in_reasoning_follows_tabbyapi(tmp_path):
+    """auto: the prompt ends in the template's <think>, so the output is reasoning up to </think>; never: it is read
+    as content (the marker consumed, nothing left to show the split went wrong); always: reasoning even when the
+    template closed the block (enable_thinking false)."""
+    raw = _reasoning_server(tmp_path, "raw", {"reasoning": False})
+    servers = {
+        mode: _reasoning_server(tmp_path, mode, {"start_in_reasoning": mode}) for mode in ("auto", "never")
+    }
+    servers["always"] = _reasoning_server(
+        tmp_path, "always", {"start_in_reasoning": "always"}, {"think": False}
+    )
+    servers["bogus"] = _reasoning_server(tmp_path, "bogus", {"start_in_reasoning": "sometimes"})
+    raw_without_thinking = _reasoning_server(tmp_path, "raw-off", {"reasoning": False}, {"think": False})
+    try:
+        reasoning, _, content = _chat(raw, BODY)["content"].partition("</think>")
+        auto, never, always, bogus = (_chat(servers[m], BODY) for m in ("auto", "never", "always", "bogus"))
+        plain = _chat(raw_without_thinking, BODY)["content"]
+    finally:
+        for running in (raw, raw_without_thinking, *servers.values()):
+            running.stop()
+    assert reasoning and content
+    assert (auto["reasoning_content"], auto["content"]) == (reasoning, content)
+    assert bogus == auto  # an invalid value is TabbyAPI's "auto" (with a warning)
+    assert never["reasoning_content"] is None and never["content"] == reasoning + content
+    assert always["reasoning_content"] == plain and always["content"] is None
+
+
+def test_enable_thinking_false_closes_the_block_in_the_prompt(tmp_path):
+    running = _reasoning_server(tmp_path, "split")
+    try:
+        message = _chat(running, {**BODY, "template_vars": {"enable_thinking": False}})
+        tokens = _post(running, "/v1/token/encode", {"text": "<|assistant|>\n</think>"}).json()["tokens"]
+    finally:
+        running.stop()
+    assert message["reasoning_content"] is None and message["content"]
+    assert tokens[-1] == 2  # </think> is one special token, as in GLM-4.7's tokenizer
+
+
+@pytest.mark.parametrize(
+    "parser,check",
+    [
+        # TabbyAPI without the reasoning parser: markers and reasoning in content
+        ("none", lambda m, r, c: m["reasoning_content"] is None and m["content"] == r + "</think>" + c),
+        # the end tag missed: the answer stays in reasoning_content, with the marker
+        ("no-end", lambda m, r, c: m["reasoning_content"] == r + "</think>" + c and m["content"] is None),
+    ],
+)
+def test_a_broken_reasoning_parser_mode_returns_what_that_parser_returns(tmp_path, parser, check):
+    good = _reasoning_server(tmp_path, "good")
+    broken = _reasoning_server(tmp_path, "broken", test_server={"reasoning_parser": parser})
+    try:
+        right = _chat(good, BODY)
+        wrong = _chat(broken, BODY)
+    finally:
+        good.stop()
+        broken.stop()
+    assert right["reasoning_content"] and right["content"]
+    assert check(wrong, right["reasoning_content"], right["content"])
+
+
+def test_an_unknown_reasoning_parser_mode_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="reasoning_parser"):
+        prepare({"model": {"model_name": "tiny"}, "test_server": {"reasoning_parser": "maybe"}}, tmp_path)
 
 
 def test_without_thinking_no_marker_is_ever_sampled(tmp_path):

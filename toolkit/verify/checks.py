@@ -211,6 +211,16 @@ def check_function(client: TabbyClient, reasoning_markers: Sequence[str]) -> Che
             "split reasoning (TabbyAPI needs PR #295 and model.reasoning: true)",
             elapsed,
         )
+    kept = [m for m in reasoning_markers if m in reasoning]
+    if kept:
+        return Check(
+            "function",
+            False,
+            f"reasoning markers {', '.join(kept)} are in reasoning_content: the reasoning split missed a tag, so "
+            "the answer is not where clients read it (check reasoning_start_token/reasoning_end_token against "
+            "the model's tokens)",
+            elapsed,
+        )
     if not content.strip() and not reasoning.strip():
         return Check("function", False, "chat completion returned no text", elapsed)
     parts = [f"content {len(content)} chars"] + (

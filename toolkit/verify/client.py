@@ -72,11 +72,15 @@ def read_api_key(path: str | None) -> str | None:
 
 
 def _detail(response: httpx.Response) -> str:
-    """FastAPI's {"detail": ...} message, or the start of the body."""
+    """FastAPI's {"detail": ...} message, TabbyAPI's OpenAI-shaped {"error": {"message", "code"}} (context
+    overflow), or the start of the body."""
     try:
         body = response.json()
     except ValueError:
         return response.text[:200]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and "message" in error:
+        return f"{error['message']} ({error.get('code') or error.get('type') or 'error'})"
     detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, list):
         return "; ".join(

@@ -131,7 +131,10 @@ def test_duration_stops_starting_requests(tmp_path, key_file, capsys):
 
 
 def test_timeouts_and_server_errors_are_counted_not_fatal(tmp_path, key_file, capsys):
-    server = start(tmp_path, model={"max_seq_len": 512, "cache_size": 512}, token_delay_s=0.5)
+    # chunk_size 256: a job's first allocation (prompt - 1 + chunk_size) must fit the 512-token cache (TabbyAPI)
+    server = start(
+        tmp_path, model={"max_seq_len": 512, "cache_size": 512, "chunk_size": 256}, token_delay_s=0.5
+    )
     try:
         flags = (
             "--concurrency 1 --input-len 32 --output-len 8 --num-prompts 2 --warmup 0 --request-timeout 0.2"
@@ -142,12 +145,13 @@ def test_timeouts_and_server_errors_are_counted_not_fatal(tmp_path, key_file, ca
         assert (level["completed"], level["failed"]) == (0, 2)
         assert level["errors_by_message"] == {"no end of stream within --request-timeout 0.2 s": 2}
         assert level["mean_ttft_ms"] is None and level["request_throughput"] == 0
-        # the chat template's tokens push 500 + 12 past max_seq_len 512: the server answers 400 to each request
+        # the chat template's tokens and a first 256-token chunk need more than the 512-token cache: the server
+        # answers TabbyAPI's 400 (context_length_exceeded) to each request
         flags = "--endpoint chat --concurrency 1 --input-len 500 --output-len 12 --num-prompts 2"
         code, out, _ = bench(capsys, server.url, key_file, flags + " --warmup 0 --json")
         assert code == 0
         [(message, count)] = json.loads(out)["levels"][0]["errors_by_message"].items()
-        assert message.startswith("HTTP 400: Context length") and count == 2
+        assert message.startswith("HTTP 400: Initial job allocation requires") and count == 2
         sent = generations(server)
         code, _, err = bench(capsys, server.url, key_file, flags + " --warmup 2")
         assert code == 5 and err.splitlines()[-1].startswith("deploy bench: every warm-up request")

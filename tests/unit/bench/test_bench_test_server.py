@@ -91,8 +91,8 @@ def test_generation_error_is_an_event_in_a_200_stream_and_overflow_a_400_before_
             }
         }
     ]
-    response, raw, _ = stream(server, "/v1/completions", {"prompt": "x", "max_tokens": 5000})
-    assert response.status_code == 400 and b"greater than max_seq_len" in raw
+    response, raw, _ = stream(server, "/v1/completions", {"prompt": "x" * 5000, "max_tokens": 5})
+    assert response.status_code == 400 and b"context_length_exceeded" in raw
 
 
 def test_several_tokens_per_event(tmp_path):

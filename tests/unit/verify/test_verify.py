@@ -16,6 +16,7 @@ from tests.tabby_test_server.server import ERROR_TRIGGER
 from toolkit.cli import main
 from toolkit.deploy.readiness import wait_ready
 from toolkit.errors import VerificationFailed
+from toolkit.verify.client import ServerError, TabbyClient
 from toolkit.verify.readiness import Expectations, same_cache_mode
 from toolkit.verify.reference import compute_reference, load_prompts, save_reference
 
@@ -289,6 +290,56 @@ def test_reasoning_in_content_fails_the_function_check(tmp_path, key_file, capsy
         server.stop()
     function = next(c for c in report["checks"] if c["name"] == "function")
     assert code == 5 and "PR #295" in function["detail"]
+
+
+@pytest.mark.parametrize(
+    "parser,words",
+    [
+        ("none", "are in content: the server does not split reasoning"),  # no parser: markers in content
+        (
+            "no-end",
+            "are in reasoning_content: the reasoning split missed a tag",
+        ),  # the answer stuck in reasoning
+    ],
+)
+def test_a_broken_reasoning_parser_fails_the_function_check(tmp_path, key_file, capsys, parser, words):
+    """The test server's split is not correct by construction: with what a broken parser returns, verify fails;
+    with TabbyAPI's split it passes."""
+    for mode, expected in (("tabby", 0), (parser, 5)):
+        folder = tmp_path / mode
+        folder.mkdir()
+        server = testing.start(
+            folder,
+            api_key=KEY,
+            model={"model_name": "tiny", "reasoning": True},
+            test_server={"reasoning_parser": mode},
+        )
+        try:
+            code, report = _verify(capsys, "--url", server.url, "--api-key-file", str(key_file))
+        finally:
+            server.stop()
+        function = next(c for c in report["checks"] if c["name"] == "function")
+        assert code == expected and function["passed"] is (expected == 0), function
+        if expected:
+            assert words in function["detail"] and "</think>" in function["detail"]
+
+
+def test_a_context_overflow_reads_as_tabbyapis_message(tmp_path):
+    server = testing.start(
+        tmp_path, api_key=KEY, model={"model_name": "tiny", "max_seq_len": 512, "cache_size": 512}
+    )
+    client = TabbyClient(server.url, KEY)
+    try:
+        with pytest.raises(ServerError) as error:
+            client.next_token_logprobs(["x" * 600], 5)
+    finally:
+        client.close()
+        server.stop()
+    assert error.value.status == 400
+    assert (
+        "Prompt length 600 exceeds the available context size of 512 tokens (context_length_exceeded)"
+        in str(error.value)
+    )
 
 
 def test_a_sticky_503_after_one_failed_generation_still_passes_liveness(tmp_path, key_file, capsys):
