@@ -1,7 +1,10 @@
 """Fit the planner's per-GPU overhead terms to the measured loads (results.json) and compare the planner's
 predictions (toolkit/plan/memory.py with profiles/glm-4.7.yaml's terms) with what each GPU needed.
 
-Runs anywhere (no GPU): `python3 benchmarks/memory_calibration/fit.py [--write RESULTS.md]`.
+Runs anywhere (no GPU): `python3 benchmarks/memory_calibration/fit.py [--write TABLE.md]`. It also reports the
+model's error on the loads the terms were fitted on and, separately, on held-out loads measured for the purpose
+(heldout-<exllamav3>.json, when present: other contexts, chunk sizes, cache modes and a 4-layer slice; the rows
+of heldout_fit.py, predicted with the current memory model and profile).
 Per GPU, "needed" is the larger of
 - NVML used after the two one-chunk generations (the runtime footprint; the allocator keeps its high-water mark), and
 - for a GPU that exllamav3's autosplit loader finishes on: NVML after load - torch's reserved-but-free pool + the
@@ -293,13 +296,13 @@ def fit_terms(results: dict[str, Any], rows: list[GpuRow]) -> dict[str, float]:
     }
 
 
-def slice_profile(exllamav3: str) -> ModelProfile:
-    """glm-4.7-slice.yaml with profiles/glm-4.7.yaml's memory terms for that exllamav3 version: the planner's view."""
-    data = yaml.safe_load((HERE / "glm-4.7-slice.yaml").read_text())
+def slice_profile(exllamav3: str, name: str = "glm-4.7-slice.yaml") -> ModelProfile:
+    """A slice profile with profiles/glm-4.7.yaml's memory terms for that exllamav3 version: the planner's view."""
+    data = yaml.safe_load((HERE / name).read_text())
     glm = yaml.safe_load((ROOT / "profiles/glm-4.7.yaml").read_text())
     for section in ("memory_overhead", "uncalibrated_margin"):
         data[section] = copy.deepcopy(glm[section])
-    return parse_profile(data, HERE / "glm-4.7-slice.yaml").with_calibration(exllamav3)
+    return parse_profile(data, HERE / name).with_calibration(exllamav3)
 
 
 def predict(profile: ModelProfile, row_cfg: dict[str, Any]) -> memory.Placement:
@@ -319,6 +322,62 @@ def predict(profile: ModelProfile, row_cfg: dict[str, Any]) -> memory.Placement:
         ]
         return memory.place_layers(profile, quant, mode, tokens, usable, chunk)
     return memory.place_layers(profile, quant, mode, tokens, [big], chunk)
+
+
+def error_summary(label: str, pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """The prediction error over (needed, predicted) pairs, MiB and % of needed; positive = over-predicted (safe)."""
+    diffs = [predicted - needed for needed, predicted in pairs]
+    shares = [100 * (predicted - needed) / needed for needed, predicted in pairs]
+    return {
+        "set": label,
+        "gpus": len(pairs),
+        "within": sum(abs(d) <= max(0.03 * n, 256) for d, (n, _) in zip(diffs, pairs)),
+        "mean_abs_mib": sum(abs(d) for d in diffs) / len(diffs),
+        "mean_abs_pct": sum(abs(s) for s in shares) / len(shares),
+        "min_mib": min(diffs),
+        "max_mib": max(diffs),
+        "under_predicted": sum(d < 0 for d in diffs),
+    }
+
+
+def fitted_pairs(rows: list[GpuRow], profile: ModelProfile, single_only: bool) -> list[tuple[float, float]]:
+    """(needed, predicted) of every measured GPU the terms were fitted on (single-GPU loads only, if asked)."""
+    pairs = []
+    for r in rows:
+        if single_only and r.role != "single":
+            continue
+        load = predict(profile, r.config).loads[r.gpu]
+        pairs.append((r.needed, load.weights_mib + load.cache_mib + load.overhead_mib))
+    return pairs
+
+
+def heldout_pairs(results: dict[str, Any], path: Path, exllamav3: str) -> list[tuple[float, float]] | None:
+    """(needed, predicted) of the held-out loads (heldout_fit.py's rows, today's memory model), None without data."""
+    if not path.is_file():
+        return None
+    sys.path.insert(0, str(HERE))
+    import heldout_fit
+
+    heldout = json.loads(path.read_text())
+    profile = slice_profile(exllamav3, "glm-4.7-slice-4l.yaml")
+    rows = heldout_fit.rows(heldout, heldout_fit.probes_from(results, heldout), profile)
+    return [
+        (r["predicted_mib"] - r["diff_mib"], r["predicted_mib"]) for r in rows
+    ]  # diff_mib: unrounded need
+
+
+def error_table(summaries: list[dict[str, Any]]) -> str:
+    """The fitted-vs-held-out error summary as markdown."""
+    lines = [
+        "| loads | GPUs | within max(3 %, 256 MiB) | mean abs error | error range (predicted - needed) | under-predicted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['set']} | {s['gpus']} | {s['within']} | {s['mean_abs_mib']:.0f} MiB ({s['mean_abs_pct']:.1f} %) "
+            f"| {s['min_mib']:+.0f} .. {s['max_mib']:+.0f} MiB | {s['under_predicted']} |"
+        )
+    return "\n".join(lines)
 
 
 def comparison(rows: list[GpuRow], profile: ModelProfile) -> tuple[list[str], int, int]:
@@ -355,6 +414,9 @@ def main() -> None:
     parser.add_argument(
         "--exllamav3", default="1.6.5", help="the exllamav3 version the results were measured with (1.6.5)"
     )
+    parser.add_argument(
+        "--heldout", type=Path, help="held-out loads (default: heldout-<exllamav3>.json here, when present)"
+    )
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     rows = gpu_rows(results)
@@ -371,8 +433,17 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     print(f"{ok} of {total} GPUs within max(3 %, 256 MiB)")
+    summaries = [
+        error_summary("fitted on: every GPU of results.json", fitted_pairs(rows, profile, single_only=False)),
+        error_summary("fitted on: single-GPU loads", fitted_pairs(rows, profile, single_only=True)),
+    ]
+    heldout = heldout_pairs(results, args.heldout or HERE / f"heldout-{args.exllamav3}.json", args.exllamav3)
+    if heldout:
+        summaries.append(error_summary("held out: single-GPU loads (4-layer slice)", heldout))
+    errors = error_table(summaries)
+    print(errors if heldout else errors + "\n(no held-out loads: heldout-<exllamav3>.json not found)")
     if args.write:
-        args.write.write_text(table + f"\n\n{ok} of {total} GPUs within max(3 %, 256 MiB).\n")
+        args.write.write_text(table + f"\n\n{ok} of {total} GPUs within max(3 %, 256 MiB).\n\n{errors}\n")
 
 
 if __name__ == "__main__":
