@@ -68,7 +68,7 @@ def check_driver(image_cuda: str, driver_cuda: str) -> None:
     if _version(driver_cuda) < _version(image_cuda):
         raise EnvironmentMissing(
             f"the NVIDIA driver supports CUDA {driver_cuda} but the image needs CUDA {image_cuda}",
-            "upgrade the driver, or render with an older CUDA (deploy render --cuda 12)",
+            "upgrade the driver, or re-plan for an older CUDA (deploy render --cuda 12 ...)",
         )
 
 
