@@ -174,17 +174,12 @@ def _bound_note(bounds: tuple[DecodeBound, ...], plan: Plan) -> str:
 
 
 def print_checks(checks: list[dict[str, Any]], passed: bool) -> None:
-    """The verify report as people read it: PASS/FAIL/SKIP per check, then the verdict (stdout)."""
-    from rich.markup import escape
-
-    from ..output import console
+    """The verify report as people read it: PASS/FAIL/SKIP per check, then the verdict (stdout). Server text is
+    shown as inert text: no markup, and control characters escaped (a newline cannot forge a PASS line)."""
+    from ..output import console, mark
 
     out = console()
     for check in checks:
-        mark = (
-            "[green]PASS[/]"
-            if check["passed"]
-            else ("[yellow]SKIP[/]" if check.get("skipped") else "[red]FAIL[/]")
-        )
-        out.print(f"{mark} {escape(check['name']):<10} {escape(check['detail'])}", markup=True)
+        word = "PASS" if check["passed"] else ("SKIP" if check.get("skipped") else "FAIL")
+        out.print(mark(word, f"{printable(check['name'], 40):<10} {printable(check['detail'], 4000)}"))
     out.print("all checks passed" if passed else "verification FAILED")
