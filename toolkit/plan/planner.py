@@ -79,6 +79,7 @@ CACHE_LADDER: tuple[CacheMode, ...] = (FP16,) + tuple(
     )
 )
 SPLIT_CHOICES = ("auto", "tp", "layer")
+MAX_HEADROOM_MIB = 16 * 2**20  # no GPU has more memory than this (16 TiB)
 
 
 @dataclass(frozen=True)
@@ -269,10 +270,28 @@ def make_plan(profile: ModelProfile, inventory: GpuInventory, request: PlanReque
     return plan_with_details(profile, inventory, request)[0]
 
 
+def check_request(profile: ModelProfile, request: PlanRequest) -> None:
+    """Every part of the request that does not depend on the GPUs (exit 2), so it can be checked before NVML."""
+    required_context(profile, request)
+    if request.headroom_mib is not None and request.headroom_mib < 0:
+        raise BadInput(f"--headroom-mib {request.headroom_mib} is negative", "give 0 or more MiB")
+    if request.headroom_mib is not None and request.headroom_mib > MAX_HEADROOM_MIB:
+        raise BadInput(
+            f"--headroom-mib {request.headroom_mib} is above {MAX_HEADROOM_MIB}", "give a GPU's MiB"
+        )
+    if request.split not in SPLIT_CHOICES:
+        raise BadInput(f"unknown split {request.split!r}", "use auto, tp or layer")
+    if request.cache.strip().lower() != "auto":
+        parse_cache_mode(request.cache)
+    if request.quant is not None:
+        profile.quant(request.quant)
+
+
 def plan_with_details(
     profile: ModelProfile, inventory: GpuInventory, request: PlanRequest
 ) -> tuple[Plan, PlanDetails]:
     """make_plan, plus the candidates that fit and the chunk-size trade (PlanDetails)."""
+    check_request(profile, request)
     if not inventory.gpus:
         raise BadInput("the GPU inventory is empty", "give --gpus, e.g. --gpus 8x24GiB")
     required = required_context(profile, request)
