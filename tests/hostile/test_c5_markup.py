@@ -41,8 +41,9 @@ def test_health_issue_text_prints_literally(case, cli, sandbox, tmp_path) -> Non
     assert run.code == 5
     assert _forged(run.out) == [], run.out
     assert "\x1b" not in run.text and "\r" not in run.text
-    if "[" in ISSUES[case][0]:
-        assert ISSUES[case][0].split("\n")[0] in run.out
+    text = ISSUES[case][0].split("\n")[0]
+    if "[" in text and text.isprintable():
+        assert text in run.out
 
 
 def test_a_model_id_with_markup_prints_literally(cli, sandbox, tmp_path) -> None:
@@ -77,7 +78,7 @@ def test_an_expected_model_with_markup_prints_literally(cli, sandbox, honest_tab
 
 def test_an_out_path_with_markup_prints_literally(cli, sandbox) -> None:
     out = sandbox.work / "[bold]bundle[/bold]"
-    run = cli("render", "--gpus", "1xH200", "--out", str(out))
+    run = cli("render", "--gpus", "1xH200", "--out", str(out), "--models-dir", "/srv/models")
     assert run.code == 0 and str(out) in run.out
 
 

@@ -8,6 +8,7 @@ where the environment is at fault), and nothing is half-written.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -208,19 +209,25 @@ def _odd_outputs(sandbox) -> dict[str, str]:
     a_file.write_text("x")
     fifo = sandbox.work / "a-fifo"
     os.mkfifo(fifo)
+    # A socket stands in for a device: not a regular file, and nothing on the host is at risk if a regression
+    # renamed a report over it (a real /dev node would be replaced when the suite runs as root).
+    sock = sandbox.work / "a-socket"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.close()
     return {
         "empty": "",
         "a folder": str(sandbox.work),
         "under a file": str(a_file / "sub"),
         "a fifo": str(fifo),
         "in /proc": "/proc/self/nope/out",
-        "a device": "/dev/full",
+        "a socket": str(sock),
         "nul byte": str(sandbox.work / "x\x00y"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["empty", "a folder", "under a file", "a fifo", "in /proc", "a device", "nul byte"]
+    "case", ["empty", "a folder", "under a file", "a fifo", "in /proc", "a socket", "nul byte"]
 )
 def test_odd_junit_paths_are_refused_before_any_request(case, cli, sandbox, honest_tabby) -> None:
     junit = _odd_outputs(sandbox)[case]
@@ -232,7 +239,7 @@ def test_odd_junit_paths_are_refused_before_any_request(case, cli, sandbox, hone
 
 
 @pytest.mark.parametrize(
-    "case", ["empty", "a folder", "under a file", "a fifo", "in /proc", "a device", "nul byte"]
+    "case", ["empty", "a folder", "under a file", "a fifo", "in /proc", "a socket", "nul byte"]
 )
 @pytest.mark.parametrize("command", ["render", "record", "cluster render", "auto"])
 def test_odd_out_paths_are_one_line_and_write_nothing(case, command, cli, sandbox, prepared) -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.hostile.conftest import API_KEY, assert_contained, files_holding, snapshot
 
-EXAMPLES = 150
+EXAMPLES = 300
 
 HOSTILE = [
     "",

@@ -105,3 +105,17 @@ def make_plan(
         rejected=(Rejection(quant="5bpw_H8", reason="needs 210.3 GiB, has 184.0", short_by_mib=26931),),
         inventory=inventory,
     )
+
+
+def planned(spec: str, driver_cuda: str | None = None) -> Plan:
+    """A plan the planner really makes for a --gpus spec (what a plan.json file holds), on a driver of that CUDA
+    version when given: a plan file is checked for meaning, so file-based tests need one that could exist."""
+    from dataclasses import replace
+
+    from toolkit.detect.gpu_spec import parse_gpu_spec
+    from toolkit.facts.profiles import load_profile
+    from toolkit.plan.plan import PlanRequest
+    from toolkit.plan.planner import make_plan as plan_for
+
+    plan = plan_for(load_profile("glm-4.7"), parse_gpu_spec(spec), PlanRequest())
+    return replace(plan, inventory=replace(plan.inventory, cuda_driver_version=driver_cuda))
