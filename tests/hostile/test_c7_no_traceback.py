@@ -20,7 +20,7 @@ USAGE_ERRORS = {
     "no command": [],
     "unknown command": ["frobnicate"],
     "unknown flag": ["plan", "--gpus", "2xH200", "--bogus"],
-    "missing required flag": ["verify"],
+    "missing required flag": ["reference", "record", "--out", "ref.json"],
     "missing value": ["plan", "--gpus"],
     "not a number": ["verify", "--url", "http://127.0.0.1:9", "--max-kl", "abc"],
     "integer overflow of a flag": ["verify", "--url", "http://127.0.0.1:9", "--expect-context", "9" * 5000],

@@ -7,7 +7,6 @@ functions: `deploy plan` starts fast.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import closing
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import inputs
 from ..errors import BadInput, EnvironmentMissing, ToolkitError
 from ..facts.layout import MODEL_MARKER
 from ..output import Progress
@@ -200,8 +200,9 @@ def _model_bytes(dep: Deployment) -> int:
     """Bytes of the model on disk: the completed download's, else the plan's weights plus the RAM-side embedding."""
     marker_path = dep.model_dir / MODEL_MARKER
     try:
-        return int(sum(json.loads(marker_path.read_text(encoding="utf-8"))["files"].values()))
-    except (OSError, ValueError, KeyError, TypeError):
+        text = inputs.read_text(marker_path, "the completion marker")
+        return int(sum(inputs.parse_json(text, "the completion marker", marker_path)["files"].values()))
+    except (BadInput, ValueError, KeyError, TypeError, AttributeError):
         from ..facts.profiles import load_profile
 
         embedding = load_profile(dep.plan.profile).architecture.embedding_bytes

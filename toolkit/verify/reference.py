@@ -27,7 +27,6 @@ from .. import inputs
 from ..atomic import write_bytes, write_text
 from ..errors import BadInput, VerificationFailed
 from ..redact import redact_data
-from .client import ServerError
 from .kl import distribution_problem
 
 if TYPE_CHECKING:
@@ -339,8 +338,11 @@ def record_reference(
 ) -> Reference:
     """Record a reference from a live deployment: prefixes via /v1/token/encode, top-K via one-token completions.
 
-    Collisions are already collapsed by the server, so vocab_collisions stays unknown (None).
+    Collisions are already collapsed by the server, so vocab_collisions stays unknown (None). Every answer must be
+    log-probabilities (ServerError naming the position otherwise): nothing else may become a reference.
     """
+    from .client import ServerError
+
     card = client.model()
     probe_ids = client.encode(TOKENIZER_PROBE)
     recorded = []
