@@ -1,29 +1,58 @@
-"""One output layer: the same result as a rich table for people or as JSON for machines; progress on stderr."""
+"""One output layer: the same result as a rich table for people or as JSON for machines; progress on stderr.
+
+Nothing printed is read as rich markup: text from servers, files and the command line reaches the screen as the
+characters it is (styles, where wanted, come from rich Text objects, see mark()); secrets are redacted from JSON
+as from every other output (toolkit.redact).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
+
+from .redact import redact_data
+
+MARK_STYLES = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-ready value with secrets redacted and non-finite numbers (which JSON cannot carry) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def emit_json(data: Any) -> None:
     """Print one JSON object on stdout (nothing else goes to stdout in --json mode)."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    sys.stdout.write(
+        json.dumps(redact_data(json_safe(data)), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    )
 
 
 def console() -> Console:
-    """Human output on stdout; rich drops colour and markup when stdout is not a terminal."""
-    return Console(highlight=False, soft_wrap=True)
+    """Human output on stdout, never interpreted as markup; rich drops colour when stdout is not a terminal."""
+    return Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def status_console() -> Console:
-    """Progress and notes on stderr, so stdout stays clean for pipes and --json."""
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    """Progress and notes on stderr, so stdout stays clean for pipes and --json (never interpreted as markup)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def mark(word: str, text: str = "") -> Text:
+    """A PASS/FAIL/SKIP word in its colour, then plain text (never markup)."""
+    return Text.assemble((word, f"bold {MARK_STYLES.get(word, '')}".strip()), " " + text if text else "")
 
 
 class Progress:

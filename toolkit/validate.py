@@ -9,34 +9,34 @@ import re
 
 from .errors import BadInput
 
-HEX_REF = re.compile(r"^[0-9a-f]{7,40}$")
-FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+HEX_REF = re.compile(r"^[0-9a-f]{7,40}\Z")
+FULL_SHA = re.compile(r"^[0-9a-f]{40}\Z")
 # A tag or branch as git check-ref-format would accept it, narrowed to characters that are inert in sh and
 # YAML.
-SAFE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+SAFE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}\Z")
 # Quant branches, model folders, profile names: one path segment, no shell or YAML metacharacters.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 # NVML UUIDs ("GPU-8c1f...", "MIG-...") or an index.
-DEVICE_ID = re.compile(r"^(?:(?:GPU|MIG)-[A-Za-z0-9-]{1,100}|[0-9]{1,3})$")
-COMPUTE_CAPABILITY = re.compile(r"^[0-9]{1,2}\.[0-9]$")
-CUDA_VERSION = re.compile(r"^([0-9]{1,3})\.([0-9]{1,3})$")
+DEVICE_ID = re.compile(r"^(?:(?:GPU|MIG)-[A-Za-z0-9-]{1,100}|[0-9]{1,3})\Z")
+COMPUTE_CAPABILITY = re.compile(r"^[0-9]{1,2}\.[0-9]\Z")
+CUDA_VERSION = re.compile(r"^([0-9]{1,3})\.([0-9]{1,3})\Z")
 # Image references: [host[:port]/]path[:tag][@sha256:digest], lower-case path as Docker requires.
 IMAGE_REF = re.compile(
     r"^(?:[A-Za-z0-9.-]+(?::[0-9]{1,5})?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z"
 )
-GIT_URL = re.compile(r"^(?:https://|file:///|/)[A-Za-z0-9._~/:@+-]{1,300}$")
+GIT_URL = re.compile(r"^(?:https://|file:///|/)[A-Za-z0-9._~/:@+-]{1,300}\Z")
 # Absolute host paths: printable ASCII without quotes, backslash, `$`, backtick or anything a
 # dotenv/YAML/shell parser treats specially. Spaces are allowed (values are single-quoted in .env).
-HOST_PATH = re.compile(r"^/[A-Za-z0-9._/+@,=~ -]{0,4000}$")
-CACHE_MODE = re.compile(r"^([2-8]),([2-8])$")
+HOST_PATH = re.compile(r"^/[A-Za-z0-9._/+@,=~ -]{0,4000}\Z")
+CACHE_MODE = re.compile(r"^([2-8]),([2-8])\Z")
 # A released package version as pip reports it ("1.6.5", "2.9.0+cu128"): digits, dots, one local label.
-PACKAGE_VERSION = re.compile(r"^[0-9]{1,4}(?:\.[0-9]{1,4}){1,3}(?:\+[a-z0-9]{1,20})?$")
+PACKAGE_VERSION = re.compile(r"^[0-9]{1,4}(?:\.[0-9]{1,4}){1,3}(?:\+[a-z0-9]{1,20})?\Z")
 # https URLs of package indexes and wheels: no quotes, spaces, '$' or anything a shell or YAML would act on.
-HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]{1,253}(?:/[A-Za-z0-9._~%+-]{1,200}){0,20}/?$")
+HTTPS_URL = re.compile(r"^https://[A-Za-z0-9.-]{1,253}(?:/[A-Za-z0-9._~%+-]{1,200}){0,20}/?\Z")
 # A requirement as pip takes it on a command line: a name with an optional lower bound ("numpy>=2.1.0").
-REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(?:>=[0-9][0-9.]{0,30})?$")
+REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(?:>=[0-9][0-9.]{0,30})?\Z")
 
 
 def _shown(value: object) -> str:

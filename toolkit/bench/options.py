@@ -105,7 +105,7 @@ def parse_slo(text: str) -> dict[str, float]:
     return slo
 
 
-METADATA_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+METADATA_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def parse_metadata(items: list[str]) -> dict[str, str]:

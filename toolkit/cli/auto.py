@@ -10,9 +10,18 @@ from typing import Any
 from ..detect.inventory import GpuInventory
 from ..errors import BadInput, ToolkitError
 from ..facts.profiles import ModelProfile
+from ..inputs import output_folder
 from ..output import Progress, emit_json
 from ..plan.plan import Plan, PlanRequest
-from .options import NO_GPU_ENV, add_plan_options, add_port_option, no_gpu, port_number, request_from_args
+from .options import (
+    NO_GPU_ENV,
+    add_plan_options,
+    add_port_option,
+    no_gpu,
+    port_number,
+    request_from_args,
+    seconds,
+)
 from .views import print_checks, print_plan
 
 
@@ -28,9 +37,7 @@ def register(subparsers: Any) -> None:
         "the same deployment (and reuses the reference). Exit 2 bad input, 3 nothing fits or out of GPU "
         "memory, 4 environment missing, 5 verification failed.",
     )
-    parser.add_argument(
-        "--out", default="deploy-out", type=Path, help="deployment folder (default ./deploy-out)"
-    )
+    parser.add_argument("--out", default="deploy-out", help="deployment folder (default ./deploy-out)")
     add_plan_options(parser)
     parser.add_argument(
         "--bind", default="127.0.0.1", help="host address to publish the API on (default 127.0.0.1)"
@@ -77,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
     outcome: dict[str, Any] = {"ok": False, "stage": "plan"}
     try:
+        seconds(args.ready_timeout, "--ready-timeout")
         request = AutoRequest(
-            out=args.out,
+            out=output_folder(args.out),
             profile=args.profile,
             gpus=args.gpus,
             plan_request=request_from_args(args),

@@ -7,12 +7,13 @@ as described cannot serve one model) unless --allow-mixed; the plan is still pri
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OK, EXIT_VERIFY_FAILED, BadInput
+from ..verify.limits import VERIFY_TIMEOUT_S
+from .options import add_timeout_option, seconds
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +44,7 @@ def register(subparsers: Any) -> None:
         )
     plan.add_argument("--json", action="store_true", help="print the fleet plan as JSON")
     plan.set_defaults(run=run_plan)
-    render.add_argument("--out", required=True, type=Path, help="output folder (created, or updated if ours)")
+    render.add_argument("--out", required=True, help="output folder (created, or updated if ours)")
     render.add_argument("--force", action="store_true", help="write into a non-empty folder that is not ours")
     render.set_defaults(run=run_render)
     verify.add_argument(
@@ -68,10 +69,15 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="wait up to this long for each server to come up",
     )
+    add_timeout_option(verify, VERIFY_TIMEOUT_S, "every replica's and the endpoint's checks together")
     verify.add_argument("--json", action="store_true", help="print one JSON object")
-    verify.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
+    verify.add_argument("--junit", help="also write a JUnit XML report here (its folder must exist)")
     verify.set_defaults(run=run_verify)
-    parser.set_defaults(run=lambda args: parser.print_help() or 2)
+    parser.set_defaults(run=_no_subcommand)
+
+
+def _no_subcommand(args: argparse.Namespace) -> int:
+    raise BadInput("cluster needs a subcommand: plan, render or verify", "see `deploy cluster --help`")
 
 
 def _fleet_plan(args: argparse.Namespace) -> Any:
@@ -147,13 +153,15 @@ def run_render(args: argparse.Namespace) -> int:
     """Write the bundle and print the steps that follow (never the key)."""
     from ..cluster.fleet_plan import require_uniform
     from ..cluster.stack import StackOptions, write_stack
+    from ..inputs import output_folder
     from ..output import console, status_console
 
+    out = output_folder(args.out)
     fleet_plan = _fleet_plan(args)
     for warning in fleet_plan.warnings:
         status_console().print(f"warning: {warning}", markup=False)
     require_uniform(fleet_plan, args.allow_mixed)
-    manifest = write_stack(fleet_plan, args.out, StackOptions(force=args.force))
+    manifest = write_stack(fleet_plan, out, StackOptions(force=args.force))
     out = console()
     out.print(
         f"rendered {args.out}/stack.yml (stack {manifest['stack']}, endpoint port "
@@ -211,16 +219,17 @@ def _engine_or_none() -> Any:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Every replica and the endpoint: exit 0 all pass, 5 any fails."""
-    from rich.markup import escape
-
     from ..cluster.verify import report_dict, verify_cluster, write_junit
-    from ..output import console, emit_json, status_console
+    from ..inputs import output_file
+    from ..output import console, emit_json, mark, status_console
+    from ..redact import printable
     from ..verify.client import check_url, read_api_key
 
     if args.url is not None:
         check_url(args.url, "http://10.0.0.5:5000")
-    if not (math.isfinite(args.wait) and args.wait >= 0):
-        raise BadInput(f"--wait must be a non-negative number of seconds, got {args.wait}")
+    seconds(args.wait, "--wait", allow_zero=True)
+    seconds(args.timeout, "--timeout")
+    junit = output_file(args.junit, "--junit") if args.junit is not None else None
     fleet_plan = _fleet_plan(args)
     api_key = read_api_key(args.api_key_file)
     if api_key is None:
@@ -240,29 +249,30 @@ def run_verify(args: argparse.Namespace) -> int:
         api_key,
         client=_engine_or_none(),
         wait_s=args.wait,
+        deadline_s=args.timeout,
         consistency=not args.no_consistency,
     )
-    if args.junit:
-        write_junit(report, args.junit)
+    if junit is not None:
+        write_junit(report, junit)
     if args.json:
         emit_json(report_dict(report))
     else:
         out = console()
         for problem in report.problems:
-            out.print(f"[red]FAIL[/] {escape(problem)}")
+            out.print(mark("FAIL", printable(problem, 4000)))
         for target, single in report.targets:
-            mark = "[green]PASS[/]" if single.passed else "[red]FAIL[/]"
             failed = [f"{c.name}: {c.detail}" for c in single.checks if not c.passed]
             detail = f" -- {'; '.join(failed)}" if failed else ""
-            out.print(f"{mark} {escape(f'{target.kind} {target.name} {target.url}{detail}')}")
+            text = printable(f"{target.kind} {target.name} {target.url}{detail}", 4000)
+            out.print(mark("PASS" if single.passed else "FAIL", text))
         for result in report.consistency:
             worst = max((p.mean for p in result.pairs), default=0.0)
             summary = (
                 f"consistency class {result.class_name}: {len(result.replicas)} replicas, largest pairwise KL "
                 f"{worst:.4g}, bound {result.bound:.4g}"
             )
-            out.print(f"{'[green]PASS[/]' if result.passed else '[red]FAIL[/]'} {escape(summary)}")
+            out.print(mark("PASS" if result.passed else "FAIL", printable(summary, 4000)))
             for name, reason in {**result.named, **result.skipped}.items():
-                out.print(f"  {escape(f'{name}: {reason}')}")
+                out.print(f"  {printable(f'{name}: {reason}', 4000)}")
         out.print("all replicas and the endpoint passed" if report.passed else "cluster verification FAILED")
     return EXIT_OK if report.passed else EXIT_VERIFY_FAILED

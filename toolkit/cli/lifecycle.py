@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from ..deploy.deployment import endpoint_summary, load_deployment
 from ..deploy.steps import build_step, container_name, down_step, fetch_step, status_data, up_step
 from ..errors import EnvironmentMissing
 from ..output import Progress, emit_json
-from .options import NO_GPU_ENV, line_count, no_gpu
+from ..redact import printable
+from .options import NO_GPU_ENV, line_count, no_gpu, seconds
 
 
 def register(subparsers: Any) -> None:
@@ -26,7 +28,6 @@ def register(subparsers: Any) -> None:
         parser.add_argument(
             "--out",
             default="deploy-out",
-            type=Path,
             help="the rendered deployment folder (default ./deploy-out)",
         )
         return parser
@@ -116,7 +117,11 @@ def _up_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from ..deploy.hub import read_token_file
+
     dep = load_deployment(args.out)
+    if args.hf_token_file is not None:
+        read_token_file(args.hf_token_file)  # a bad token file is exit 2 before the hub is asked
     result = fetch_step(dep, Progress(quiet=args.json), args.hf_token_file)
     if args.json:
         emit_json(result.to_dict())
@@ -144,6 +149,7 @@ def run_up(args: argparse.Namespace) -> int:
     from ..deploy import engine
 
     dep = load_deployment(args.out)
+    seconds(args.ready_timeout, "--ready-timeout")
     client = engine.connect()
     result = up_step(
         dep,
@@ -192,8 +198,11 @@ def run_status(args: argparse.Namespace) -> int:
     )
     if data.get("diagnosis"):
         print(
-            f"  problem: {data['diagnosis']['message']} (log: {data['diagnosis']['evidence']}) -- "
-            f"{data['diagnosis']['hint']}"
+            printable(
+                f"  problem: {data['diagnosis']['message']} (log: {data['diagnosis']['evidence']}) -- "
+                f"{data['diagnosis']['hint']}",
+                2000,
+            )
         )
     if data["health"] is not None:
         print(f"  {dep.url}/health: {data['health']}")
@@ -246,10 +255,10 @@ def run_logs(args: argparse.Namespace) -> int:
     from ..deploy import engine
 
     dep = load_deployment(args.out)
+    tail: int | str = "all" if args.tail == "all" else line_count(args.tail, "--tail")
     container = engine.find_container(engine.connect(), container_name(dep))
     if container is None:
         raise EnvironmentMissing(f"no container for {dep.out_dir}", "run `deploy up` first")
-    tail: int | str = "all" if args.tail == "all" else line_count(args.tail, "--tail")
     for chunk in engine.stream_logs(container, tail=tail, follow=args.follow):
         sys.stdout.write(chunk)
         sys.stdout.flush()
@@ -258,8 +267,11 @@ def run_logs(args: argparse.Namespace) -> int:
 
 def run_down(args: argparse.Namespace) -> int:
     from ..deploy import engine
+    from ..deploy.steps import check_purgeable
 
     dep = load_deployment(args.out)
+    if args.purge and os.path.lexists(dep.model_dir):
+        check_purgeable(dep.model_dir)  # a refused purge is exit 2 before the engine is asked
     result = down_step(dep, engine.connect(), args.purge, Progress(quiet=args.json))
     if args.json:
         emit_json(result)

@@ -39,16 +39,16 @@ def register(subparsers: Any) -> None:
 def _inventory(args: argparse.Namespace) -> Any:
     """A detect JSON file, else a spec, else NVML."""
     if args.detect_json:
-        from ..cluster.fleet import inventory_from_json
+        from .. import inputs
+        from ..detect.inventory import inventory_from_json
 
-        try:
-            data = json.loads(args.detect_json.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise BadInput(f"cannot read --detect-json {args.detect_json} ({exc.strerror})") from None
-        except (ValueError, UnicodeDecodeError):
-            raise BadInput(
-                f"--detect-json {args.detect_json} is not JSON", "give `deploy detect --json` output"
-            ) from None
+        hint = "give `deploy detect --json` output"
+        data = inputs.parse_json(
+            inputs.read_text(args.detect_json, "--detect-json", hint=hint),
+            "--detect-json",
+            args.detect_json,
+            hint,
+        )
         return inventory_from_json(
             data,
             lambda problem: BadInput(
@@ -60,10 +60,12 @@ def _inventory(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Print the node's settings (no secrets involved)."""
-    from ..cluster.node_config import node_config
+    from ..cluster.node_config import check_node_name, node_config
     from ..output import console, emit_json
 
-    config = node_config(_inventory(args), args.node or socket.gethostname())
+    node = args.node or socket.gethostname()
+    check_node_name(node)  # the flag before NVML: a bad name is exit 2 on any machine
+    config = node_config(_inventory(args), node)
     if args.json:
         emit_json(config)
         return 0

@@ -7,7 +7,9 @@ dump.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 from typing import Any
 
 from .. import validate
@@ -20,6 +22,8 @@ from ..plan.plan import PlanRequest
 PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib", "tabby_ref", "exllamav3")
 NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
 DEFAULT_PORT = str(DEFAULT_HOST_PORT)  # argparse default: parsed like a given value
+MAX_SECONDS = 7 * 24 * 3600  # a week: longer waits are typos (and inf/nan are not waits)
+WHOLE_NUMBER = re.compile(r"-?[0-9][0-9_]{0,17}")
 
 
 def add_plan_options(parser: Any) -> None:
@@ -89,6 +93,31 @@ def add_port_option(parser: Any) -> None:
     )
 
 
+def add_timeout_option(parser: Any, default_s: float, what: str) -> None:
+    """--timeout: an overall deadline in seconds for a command's network work."""
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default_s,
+        metavar="SECONDS",
+        help=f"overall deadline for {what}, in seconds (default {default_s:g}); a server that stalls or "
+        "trickles its answers fails at this deadline",
+    )
+
+
+def seconds(value: float | None, option: str, allow_zero: bool = False) -> float | None:
+    """A finite, non-negative (or positive) number of seconds, else one line and exit 2."""
+    if value is None:
+        return None
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
+        bound = "0" if allow_zero else "more than 0"
+        raise BadInput(
+            f"{option} must be {bound} and at most {MAX_SECONDS} seconds, got {value}", f"e.g. {option} 60"
+        )
+    return value
+
+
 def given_plan_options(args: argparse.Namespace) -> list[str]:
     """The plan flags set on this command line (as the user spelled them)."""
     given = [f"--{name.replace('_', '-')}" for name in PLAN_OPTIONS if getattr(args, name) is not None]
@@ -97,28 +126,24 @@ def given_plan_options(args: argparse.Namespace) -> list[str]:
 
 
 def whole_number(value: str, option: str) -> int:
-    """Integers with a one-line error instead of argparse's usage dump ("32_768" is fine)."""
-    try:
-        return int(value.replace("_", ""))
-    except ValueError:
-        raise BadInput(f"{option} {value!r} is not a whole number", f"e.g. {option} 32768") from None
+    """Integers with a one-line error instead of argparse's usage dump ("32_768" is fine; 18 digits at most)."""
+    if not WHOLE_NUMBER.fullmatch(value):
+        raise BadInput(f"{option} {value[:40]!r} is not a whole number", f"e.g. {option} 32768")
+    return int(value.replace("_", ""))
 
 
 def port_number(value: str, option: str = "--port") -> int:
     """The one checked type of --port: a whole number 1-65535, else one line and exit 2."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadInput(f"{option} {value!r} is not a TCP port", "use 1-65535") from None
-    return validate.port(number, option)
+    if not re.fullmatch(r"-?[0-9]{1,6}", value):
+        raise BadInput(f"{option} {value[:40]!r} is not a TCP port", "use 1-65535")
+    return validate.port(int(value), option)
 
 
 def line_count(text: str, option: str) -> int:
     """A non-negative count of lines (e.g. --tail)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadInput(f"{option} {text!r} is not a number", f"e.g. {option} 100 or {option} all") from None
+    if not WHOLE_NUMBER.fullmatch(text):
+        raise BadInput(f"{option} {text[:40]!r} is not a number", f"e.g. {option} 100 or {option} all")
+    value = int(text.replace("_", ""))
     if value < 0:
         raise BadInput(f"{option} must not be negative", f"e.g. {option} 100")
     return value
@@ -141,6 +166,18 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         exllamav3=args.exllamav3,
         allow_uncalibrated=args.allow_uncalibrated,
     )
+
+
+def checked_request(args: argparse.Namespace) -> tuple[Any, PlanRequest]:
+    """The profile and the plan request, every plan flag checked against the profile (exit 2) before any GPU is
+    detected: a bad --quant is named as such on a machine without NVML too."""
+    from ..facts.profiles import load_profile
+    from ..plan.planner import check_request
+
+    profile = load_profile(args.profile)
+    request = request_from_args(args)
+    check_request(profile, request)
+    return profile, request
 
 
 def inventory_from_args(args: argparse.Namespace) -> GpuInventory:

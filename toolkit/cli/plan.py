@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..facts.profiles import load_profile
 from ..plan.bandwidth import bounds_dict, candidate_bounds
 from ..plan.planner import plan_with_details
-from .options import add_plan_options, inventory_from_args, request_from_args
+from .options import add_plan_options, checked_request, inventory_from_args
 from .views import print_plan
 
 
@@ -37,8 +36,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan and print; ToolkitError carries exit codes 2, 3 and 4 to the CLI."""
-    profile = load_profile(args.profile)
-    request = request_from_args(args)
+    profile, request = checked_request(args)
     inventory = inventory_from_args(args)
     plan, details = plan_with_details(profile, inventory, request)
     bounds = candidate_bounds(profile, inventory, details.candidates)

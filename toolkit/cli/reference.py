@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OK, BadInput
-from .options import NO_GPU_ENV, no_gpu
+from ..redact import printable
+from ..verify.limits import RECORD_TIMEOUT_S
+from .options import NO_GPU_ENV, add_timeout_option, no_gpu, seconds
 
 
 def register(subparsers: Any) -> None:
@@ -23,9 +26,10 @@ def register(subparsers: Any) -> None:
     record.add_argument(
         "--api-key-file", help="a file with the key, or api_tokens.yml (default: $DEPLOY_API_KEY)"
     )
-    record.add_argument("--out", type=Path, required=True, help="reference file to write (.json or .json.gz)")
+    record.add_argument("--out", required=True, help="reference file to write (.json or .json.gz)")
     record.add_argument("--prompts", type=Path, help="prompt set YAML/JSON (default: the shipped set)")
     record.add_argument("--top-k", type=int, default=None, help="entries per position (default 100)")
+    add_timeout_option(record, RECORD_TIMEOUT_S, "the whole recording")
     record.set_defaults(run=run_record)
     compute = actions.add_parser(
         "compute",
@@ -35,9 +39,7 @@ def register(subparsers: Any) -> None:
     compute.add_argument(
         "--model-dir", type=Path, required=True, help="the model folder (config.json, weights)"
     )
-    compute.add_argument(
-        "--out", type=Path, required=True, help="reference file to write (.json or .json.gz)"
-    )
+    compute.add_argument("--out", required=True, help="reference file to write (.json or .json.gz)")
     compute.add_argument("--prompts", type=Path, help="prompt set YAML/JSON (default: the shipped set)")
     compute.add_argument("--top-k", type=int, default=None, help="entries per position (default 200)")
     compute.add_argument(
@@ -68,13 +70,16 @@ def register(subparsers: Any) -> None:
     deployment.set_defaults(run=run_deployment)
 
 
-def _check_out(out: Path, top_k: int | None) -> None:
-    if top_k is not None and not 1 <= top_k <= 100_000:
-        raise BadInput(f"--top-k must be between 1 and 100000, got {top_k}")
-    if out.exists() and out.is_dir():
-        raise BadInput(f"--out {out} is a folder", "pass a file name, e.g. reference.json.gz")
-    if not out.name.endswith((".json", ".json.gz")):
-        raise BadInput(f"--out {out} must end in .json or .json.gz")
+def _check_out(out: str, top_k: int | None) -> Path:
+    from ..inputs import output_file
+    from ..verify.reference import MAX_TOP_K
+
+    if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
+        raise BadInput(f"--top-k must be between 1 and {MAX_TOP_K}, got {top_k}")
+    path = output_file(out, "--out")
+    if not path.name.endswith((".json", ".json.gz")):
+        raise BadInput(f"--out {out} must end in .json or .json.gz", "e.g. --out reference.json.gz")
+    return path
 
 
 def run_record(args: argparse.Namespace) -> int:
@@ -84,21 +89,22 @@ def run_record(args: argparse.Namespace) -> int:
     from ..verify.client import ServerError, TabbyClient, check_url, read_api_key
     from ..verify.reference import RECORD_TOP_K, load_prompts, record_reference, save_reference
 
-    _check_out(args.out, args.top_k)
+    out = _check_out(args.out, args.top_k)
     check_url(args.url)
+    seconds(args.timeout, "--timeout")
     prompts = load_prompts(args.prompts)
     api_key = read_api_key(args.api_key_file)
-    client = TabbyClient(args.url, api_key)
+    client = TabbyClient(args.url, api_key, deadline=time.monotonic() + args.timeout)
     try:
         reference = record_reference(client, prompts, args.top_k or RECORD_TOP_K)
     except ServerError as error:
         raise VerificationFailed(f"recording failed: {error}") from None
     finally:
         client.close()
-    save_reference(reference, args.out)
+    save_reference(reference, out)
     status_console().print(
-        f"wrote {args.out}: {reference.positions} positions from {len(reference.prompts)} "
-        f"prompts of {reference.model_id!r} ({reference.kind})"
+        f"wrote {out}: {reference.positions} positions from {len(reference.prompts)} "
+        f"prompts of {printable(repr(reference.model_id), 200)} ({reference.kind})"
     )
     return EXIT_OK
 
@@ -109,7 +115,7 @@ def run_compute(args: argparse.Namespace) -> int:
     from ..verify.reference import COMPUTE_TOP_K, load_prompts, save_reference
     from ..verify.reference_entry import compute
 
-    _check_out(args.out, args.top_k)
+    out = _check_out(args.out, args.top_k)
     prompts = load_prompts(args.prompts)
     status = status_console()
     reference = compute(
@@ -119,9 +125,9 @@ def run_compute(args: argparse.Namespace) -> int:
         device=args.device,
         log=lambda line: status.print(line, markup=False),
     )
-    save_reference(reference, args.out)
+    save_reference(reference, out)
     status.print(
-        f"wrote {args.out}: {reference.positions} positions from {len(reference.prompts)} prompts of "
+        f"wrote {out}: {reference.positions} positions from {len(reference.prompts)} prompts of "
         f"{reference.model_id!r} ({reference.kind})"
     )
     return EXIT_OK

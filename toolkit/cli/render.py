@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
 from .options import (
     add_plan_options,
     add_port_option,
+    checked_request,
     given_plan_options,
     inventory_from_args,
     port_number,
-    request_from_args,
 )
 
 
@@ -64,35 +61,30 @@ def register(subparsers: Any) -> None:
 
 
 def _read_plan(source: str) -> Any:
-    """A Plan from a `deploy plan --json` file or stdin; a malformed one is bad input (exit 2)."""
-    from ..plan.plan import Plan
+    """A Plan from a `deploy plan --json` file or stdin, checked for shape and meaning (else exit 2)."""
+    from .. import inputs
+    from ..plan.check import plan_from_data
 
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-        return Plan.from_dict(json.loads(text))
-    except OSError as exc:
-        raise BadInput(
-            f"cannot read plan {source}: {exc.strerror}", "give a `deploy plan --json` file"
-        ) from None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BadInput(
-            f"plan {source} is not a `deploy plan --json` object ({type(exc).__name__}: {exc})",
-            "re-run `deploy plan --json > plan.json`",
-        ) from None
-
-
-def _make_plan(args: argparse.Namespace) -> Any:
-    """Plan from the same options as `deploy plan` (detected GPUs unless --gpus)."""
-    from ..facts.profiles import load_profile
-    from ..plan.planner import make_plan
-
-    return make_plan(load_profile(args.profile), inventory_from_args(args), request_from_args(args))
+    hint = "give a `deploy plan --json` file"
+    text = inputs.read_stdin("--plan") if source == "-" else inputs.read_text(source, "--plan", hint=hint)
+    return plan_from_data(inputs.parse_json(text, "--plan", source, hint), source)
 
 
 def run(args: argparse.Namespace) -> int:
     """Render and say where things are (never what the key is)."""
-    from ..render.bundle import RenderOptions, render_bundle
+    from ..inputs import output_folder
+    from ..plan.planner import make_plan
+    from ..render.bundle import RenderOptions, check_options, render_bundle
 
+    out = output_folder(args.out)
+    options = RenderOptions(
+        bind=args.bind,
+        port=port_number(args.port),
+        models_dir=args.models_dir,
+        force=args.force,
+        gpu_reservation=not args.no_gpu_reservation,
+    )
+    check_options(options)  # every flag before NVML is asked
     if args.plan is not None:
         given = given_plan_options(args)
         if given:
@@ -101,15 +93,9 @@ def run(args: argparse.Namespace) -> int:
             )
         plan = _read_plan(args.plan)
     else:
-        plan = _make_plan(args)
-    options = RenderOptions(
-        bind=args.bind,
-        port=port_number(args.port),
-        models_dir=args.models_dir,
-        force=args.force,
-        gpu_reservation=not args.no_gpu_reservation,
-    )
-    bundle = render_bundle(plan, Path(args.out), options)
+        profile, request = checked_request(args)
+        plan = make_plan(profile, inventory_from_args(args), request)
+    bundle = render_bundle(plan, out, options)
     if args.json:
         from ..output import emit_json
 
@@ -131,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    from ..deploy.deployment import curl_command, load_deployment
     from ..output import console
 
     out = console()
@@ -145,4 +132,5 @@ def run(args: argparse.Namespace) -> int:
     out.print(
         f"  next: docker compose -f {bundle.compose} up -d --build   (or `deploy up --out {bundle.out_dir}`)"
     )
+    out.print(f"  then: {curl_command(load_deployment(bundle.out_dir))}")
     return 0

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_OK, EXIT_VERIFY_FAILED, BadInput
+from ..verify.limits import VERIFY_TIMEOUT_S
+from .options import add_timeout_option, seconds
 from .views import print_checks
 
 
@@ -57,10 +59,11 @@ def register(subparsers: Any) -> None:
         default=0.0,
         metavar="SECONDS",
         help="first wait up to this long for the server to come up (its port is closed while "
-        "the model loads)",
+        "the model loads); a server that does not answer at all by then fails liveness",
     )
+    add_timeout_option(parser, VERIFY_TIMEOUT_S, "every check together (after --wait)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--junit", type=Path, help="also write a JUnit XML report here")
+    parser.add_argument("--junit", help="also write a JUnit XML report here")
     parser.set_defaults(run=run, split=None)
 
 
@@ -84,6 +87,8 @@ def _from_deployment(args: argparse.Namespace) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    from ..inputs import output_file
+    from ..plan.memory import parse_cache_mode
     from ..verify.client import check_url
 
     if args.url is None:
@@ -95,8 +100,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise BadInput(f"--prompts must be at least 1, got {args.prompts}")
     if args.expect_context is not None and args.expect_context < 1:
         raise BadInput(f"--expect-context must be positive, got {args.expect_context}")
-    if args.wait < 0:
-        raise BadInput(f"--wait must be non-negative, got {args.wait}")
+    if args.expect_cache_mode is not None:
+        parse_cache_mode(args.expect_cache_mode)
+    seconds(args.wait, "--wait", allow_zero=True)
+    seconds(args.timeout, "--timeout")
+    if args.junit is not None:
+        output_file(args.junit, "--junit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         if args.expect_quant:
             profile.quant(args.expect_quant)
     if not args.json:
-        status_console().print(f"verifying {args.url} ...")
+        status_console().print(f"verifying {args.url} (at most {args.wait + args.timeout:g} s) ...")
     request = VerifyRequest(
         url=args.url,
         api_key=api_key,
@@ -138,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         profile=args.profile,
         wait_s=args.wait,
+        deadline_s=args.timeout,
         split=args.split,
         expect=Expectations(
             model_id=args.expect_model,
@@ -148,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report = run_verify(request)
     if args.junit:
-        write_junit(report, args.junit)
+        write_junit(report, Path(args.junit))
     data = report_dict(report)
     if args.json:
         emit_json(data)

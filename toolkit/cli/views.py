@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ..detect.inventory import GpuInventory
 from ..facts.profiles import ModelProfile
 from ..plan.plan import ChunkTrade, Plan, PlanRequest
+from ..redact import printable
 
 if TYPE_CHECKING:
     from ..plan.bandwidth import DecodeBound
@@ -64,6 +65,7 @@ def print_plan(
     """The candidate table (winner marked, each loser with its deciding number, and the decode bound of those that
     fit when given) and the winner's GPUs."""
     from rich.table import Table
+    from rich.text import Text
 
     from ..output import console
 
@@ -71,7 +73,7 @@ def print_plan(
     if not out.is_terminal:
         out.width = 200  # pipes and logs get one line per candidate
     required = ("max" if request.context_max else request.context) or profile.serving.default_min_context
-    out.print(f"{profile.display_name} on {_describe_gpus(inventory)}", markup=False)
+    out.print(f"{printable(profile.display_name)} on {_describe_gpus(inventory)}")
     out.print(
         f"required context {required} tokens, cache {request.cache}, split {request.split}; "
         f"objective: lowest KL(FP16||quant), then longest context"
@@ -100,8 +102,8 @@ def print_plan(
             else reasons.get(quant.branch, "")
         )
         table.add_row(
-            "[bold green]>[/]" if chosen else "x",
-            f"[bold]{quant.branch}[/]" if chosen else quant.branch,
+            Text(">", style="bold green") if chosen else "x",
+            Text(quant.branch, style="bold") if chosen else quant.branch,
             f"{weights_bytes(profile.architecture, quants[quant.branch]) / 2**30:.1f}",
             f"{quant.kl_ref_quant:.4f}",
             f"{quant.top1:.3f}",
@@ -169,19 +171,14 @@ def _bound_note(bounds: tuple[DecodeBound, ...], plan: Plan) -> str:
 
 
 def print_checks(checks: list[dict[str, Any]], passed: bool) -> None:
-    """The verify report as people read it: PASS/FAIL/SKIP per check, then the verdict (stdout)."""
-    from rich.markup import escape
-
-    from ..output import console
+    """The verify report as people read it: PASS/FAIL/SKIP per check, then the verdict (stdout). Server text is
+    shown as inert text: no markup, and control characters escaped (a newline cannot forge a PASS line)."""
+    from ..output import console, mark
 
     out = console()
     for check in checks:
-        mark = (
-            "[green]PASS[/]"
-            if check["passed"]
-            else ("[yellow]SKIP[/]" if check.get("skipped") else "[red]FAIL[/]")
-        )
-        out.print(f"{mark} {escape(check['name']):<10} {escape(check['detail'])}", markup=True)
+        word = "PASS" if check["passed"] else ("SKIP" if check.get("skipped") else "FAIL")
+        out.print(mark(word, f"{printable(check['name'], 40):<10} {printable(check['detail'], 4000)}"))
     out.print("all checks passed" if passed else "verification FAILED")
 
 

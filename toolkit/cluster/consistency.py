@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..verify.client import ServerError, TabbyClient
-from ..verify.kl import position_kl, side_from_entries
+from ..verify.kl import distribution_problem, position_kl, side_from_entries
 from ..verify.reference import (
     POSITIONS_PER_PROMPT,
     RECORD_TOP_K,
@@ -41,6 +41,7 @@ class ReplicaSample:
     probe_sha256: str | None
     positions: tuple[Entries | None, ...]
     error: str | None = None
+    invalid: str | None = None  # why its answers are not log-probabilities (the replica is then named)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,17 @@ def sample_replicas(
     prompts: Sequence[Prompt],
     top_k: int = RECORD_TOP_K,
     timeout_s: float = 60.0,
+    deadline: float | None = None,
 ) -> list[ReplicaSample]:
-    """(name, url) of each replica -> its samples at the same prefixes (chosen with the first that answers)."""
+    """(name, url) of each replica -> its samples at the same prefixes (chosen with the first that answers).
+
+    Every request ends by `deadline` (time.monotonic()); a replica whose answers are not log-probabilities
+    is sampled with `invalid` saying where, and compare() names it.
+    """
     prefixes: list[list[str]] | None = None
     samples = []
     for name, url in replicas:
-        with closing(TabbyClient(url, api_key, timeout_s=timeout_s)) as client:
+        with closing(TabbyClient(url, api_key, timeout_s=timeout_s, deadline=deadline)) as client:
             try:
                 if prefixes is None:
                     prefixes = [
@@ -113,7 +119,15 @@ def sample_replicas(
             except ServerError as error:
                 samples.append(ReplicaSample(name, url, None, (), error=str(error)))
                 continue
-        samples.append(ReplicaSample(name, url, probe, tuple(answers)))
+        invalid = next(
+            (
+                f"position {number}: {problem}"
+                for number, entries in enumerate(answers, 1)
+                if entries is not None and (problem := distribution_problem(entries)) is not None
+            ),
+            None,
+        )
+        samples.append(ReplicaSample(name, url, probe, tuple(answers), invalid=invalid))
     return samples
 
 
@@ -134,8 +148,10 @@ def pair_kl(a: ReplicaSample, b: ReplicaSample) -> tuple[float, int]:
 def compare(class_name: str, samples: Sequence[ReplicaSample], bound: float, source: str) -> ClassConsistency:
     """Pairwise KL within the bound; name the replicas outside the agreeing majority (or every disagreeing one)."""
     skipped = {s.name: f"not sampled: {s.error}" for s in samples if s.error}
-    usable = [s for s in samples if not s.error]
-    named: dict[str, str] = {}
+    named: dict[str, str] = {
+        s.name: f"its answers are not log-probabilities ({s.invalid})" for s in samples if s.invalid
+    }
+    usable = [s for s in samples if not s.error and not s.invalid]
     probes = [s.probe_sha256 for s in usable]
     common = max(set(probes), key=probes.count) if probes else None
     if probes.count(common) * 2 > len(probes):

@@ -24,30 +24,29 @@ Every value is validated here; an error names the file, line and field (exit 2).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import validate
+from .. import inputs, validate
 from ..detect.gpu_spec import parse_gpu_spec
-from ..detect.inventory import Gpu, GpuInventory
+from ..detect.inventory import GpuInventory, inventory_from_json
 from ..errors import BadInput, ToolkitError
 from ..facts.runtime import DEFAULT_HOST_PORT
 from ..plan.memory import parse_cache_mode
 from ..plan.plan import PlanRequest
-from .yaml_lines import Located, Path_, load_located
+from .yaml_lines import MAX_FILE_BYTES, Located, Path_, load_located
 
-STACK_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+STACK_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}\Z")
 # RFC 1123 host names (what `docker node ls` shows), one or more dot-separated labels.
 NODE_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
-LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
-LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
-URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]{1,255}(?::[0-9]{1,5})?/?$")
+LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?\Z")
+LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}\Z")
+URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]{1,255}(?::[0-9]{1,5})?/?\Z")
 RESERVED_LABEL_PREFIX = "glm-deploy."
 MAX_NODES = 256
 MAX_REPLICAS_PER_NODE = 16
@@ -101,14 +100,7 @@ class Fleet:
 def load_fleet(path: Path | str) -> Fleet:
     """Read and validate fleet.yaml (BadInput, exit 2, naming line and field on any problem)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInput(
-            f"cannot read --inventory {path} ({exc.strerror})", "give the fleet.yaml path"
-        ) from None
-    except UnicodeDecodeError:
-        raise BadInput(f"--inventory {path} is not UTF-8 text", "give the fleet.yaml path") from None
+    text = inputs.read_text(path, "--inventory", MAX_FILE_BYTES, "give the fleet.yaml path")
     return parse_fleet(load_located(text, str(path)), path.parent)
 
 
@@ -269,6 +261,10 @@ def _node(doc: Located, path: Path_, raw: Any, default_replicas: int, base_dir: 
     )
     url = values.get("url")
     if url is not None:
+        if isinstance(url, str) and "@" in url:
+            raise doc.error(
+                path + ("url",), "carries credentials (user:password@)", "pass the key with --api-key-file"
+            )
         url = _text(doc, path + ("url",), url, URL, "an http(s)://host:port URL").rstrip("/")
         if replicas != 1:
             raise doc.error(
@@ -294,68 +290,10 @@ def _gpus(doc: Located, path: Path_, raw: Any, base_dir: Path) -> GpuInventory:
     if raw.endswith(".json") or "/" in raw:
         file = (base_dir / raw) if not Path(raw).is_absolute() else Path(raw)
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise doc.error(
-                path, f"cannot read {file} ({exc.strerror})", "run `deploy detect --json > FILE` on that node"
-            ) from None
-        except (ValueError, UnicodeDecodeError):
-            raise doc.error(path, f"{file} is not JSON", "give `deploy detect --json` output") from None
+            data = inputs.parse_json(inputs.read_text(file, "detect JSON"), "detect JSON", file)
+        except BadInput as error:
+            raise doc.error(path, error.message, "run `deploy detect --json > FILE` on that node") from None
         return inventory_from_json(
             data, lambda problem: doc.error(path, f"{file}: {problem}", "give `deploy detect --json` output")
         )
     return _checked(doc, path, parse_gpu_spec, raw)
-
-
-def inventory_from_json(data: Any, fail: Any) -> GpuInventory:
-    """Validate `deploy detect --json` output (GpuInventory.to_dict()); fail(problem) builds the error."""
-    if not isinstance(data, dict) or not isinstance(data.get("gpus"), list) or not data["gpus"]:
-        raise fail("has no gpus list")
-    gpus: list[Gpu] = []
-    for position, gpu in enumerate(data["gpus"]):
-        where = f"gpus[{position}]"
-        if not isinstance(gpu, dict):
-            raise fail(f"{where} must be a mapping")
-        for key in ("index", "total_mib", "free_mib"):
-            value = gpu.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 16 * 2**20:
-                raise fail(f"{where}.{key} must be a whole number of MiB (or an index), got {value!r}")
-        if gpu["total_mib"] == 0 or gpu["free_mib"] > gpu["total_mib"]:
-            raise fail(f"{where}: free_mib {gpu['free_mib']} must be within total_mib {gpu['total_mib']} > 0")
-        name = gpu.get("name")
-        if not isinstance(name, str) or not name or len(name) > 100 or any(ord(c) < 32 for c in name):
-            raise fail(f"{where}.name must be a GPU name, got {name!r}")
-        uuid = gpu.get("uuid")
-        if uuid is not None and (not isinstance(uuid, str) or not validate.DEVICE_ID.match(uuid)):
-            raise fail(f"{where}.uuid {uuid!r} is not an NVML UUID")
-        capability = gpu.get("compute_capability")
-        if capability is not None and (
-            not isinstance(capability, str) or not validate.COMPUTE_CAPABILITY.match(capability)
-        ):
-            raise fail(f"{where}.compute_capability {capability!r} is not of the form N.M")
-        used = gpu.get("used_mib", 0)
-        gpus.append(
-            Gpu(
-                index=gpu["index"],
-                name=name,
-                total_mib=gpu["total_mib"],
-                free_mib=gpu["free_mib"],
-                used_mib=used if isinstance(used, int) and not isinstance(used, bool) else 0,
-                uuid=uuid,
-                compute_capability=capability,
-            )
-        )
-    if sorted(g.index for g in gpus) != list(range(len(gpus))):
-        raise fail("gpu indices must be 0..n-1, each once")
-    cuda = data.get("cuda_driver_version")
-    if cuda is not None and (not isinstance(cuda, str) or not validate.CUDA_VERSION.match(cuda)):
-        raise fail(f"cuda_driver_version {cuda!r} is not a version like 12.8")
-    driver = data.get("driver_version")
-    if driver is not None and (not isinstance(driver, str) or not re.fullmatch(r"[0-9][0-9.]{0,30}", driver)):
-        raise fail(f"driver_version {driver!r} is not a version")
-    return GpuInventory(
-        gpus=tuple(sorted(gpus, key=lambda g: g.index)),
-        source=str(data.get("source", "file")),
-        driver_version=driver,
-        cuda_driver_version=cuda,
-    )

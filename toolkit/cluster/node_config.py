@@ -21,12 +21,18 @@ GPU_KIND = "NVIDIA-GPU"
 RUNTIME_CONFIG = "/etc/nvidia-container-runtime/config.toml"
 
 
-def node_config(inventory: GpuInventory, node_name: str) -> dict[str, Any]:
-    """The daemon.json fragment, runtime setting and label command for a node with these GPUs."""
-    if not NODE_NAME.match(node_name):
+def check_node_name(node_name: str) -> str:
+    """A host name as `docker node ls` shows it (the label command is printed with it)."""
+    if not NODE_NAME.fullmatch(node_name):
         raise BadInput(
             f"node name {node_name!r} is not a host name", "pass --node with the name `docker node ls` shows"
         )
+    return node_name
+
+
+def node_config(inventory: GpuInventory, node_name: str) -> dict[str, Any]:
+    """The daemon.json fragment, runtime setting and label command for a node with these GPUs."""
+    check_node_name(node_name)
     if not inventory.gpus:
         raise BadInput("no GPUs to advertise", "run on a GPU node, or pass --gpus / --detect-json")
     ids = [gpu.uuid or str(gpu.index) for gpu in sorted(inventory.gpus, key=lambda g: g.index)]

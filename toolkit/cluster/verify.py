@@ -9,6 +9,7 @@ a replica whose distributions disagree with its class's.
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..atomic import write_text
 from ..errors import EnvironmentMissing
 from ..facts.runtime import CONTAINER_PORT
 from ..render.config import model_folder
+from ..verify.limits import VERIFY_TIMEOUT_S
 from .consistency import ClassConsistency
 from .fleet_plan import FleetPlan, NodeClass
 from .stack import GATEWAY_SERVICE
@@ -157,11 +159,14 @@ def verify_cluster(
     wait_s: float = 0.0,
     timeout_s: float = 60.0,
     consistency: bool = True,
+    deadline_s: float = VERIFY_TIMEOUT_S,
 ) -> ClusterReport:
     """Discover replicas (engine, else inventory urls), then run the single-server checks on each and on the
-    endpoint, then compare the replicas of each class with each other (unless consistency is False)."""
+    endpoint, then compare the replicas of each class with each other (unless consistency is False); all of it
+    ends by one overall deadline (deadline_s after the start, plus each wait)."""
     from ..verify.checks import VerifyRequest, run_verify
 
+    deadline = time.monotonic() + deadline_s
     report = ClusterReport()
     if client is not None:
         targets, problems = discover_replicas(client, fleet_plan)
@@ -185,20 +190,28 @@ def verify_cluster(
             profile=fleet_plan.fleet.profile,
             wait_s=wait_s,
             timeout_s=timeout_s,
+            deadline_s=max(0.0, deadline - time.monotonic()),
         )
         report.targets.append((target, run_verify(request)))
+        deadline += wait_s
     if consistency:
         for node_class in fleet_plan.classes:
             replicas = [
                 t for t, _ in report.targets if t.kind == "replica" and t.class_name == node_class.name
             ]
             if len(replicas) >= 2:
-                report.consistency.append(class_consistency(node_class, replicas, api_key, timeout_s))
+                report.consistency.append(
+                    class_consistency(node_class, replicas, api_key, timeout_s, deadline)
+                )
     return report
 
 
 def class_consistency(
-    node_class: NodeClass, replicas: list[Target], api_key: str | None, timeout_s: float
+    node_class: NodeClass,
+    replicas: list[Target],
+    api_key: str | None,
+    timeout_s: float,
+    deadline: float | None = None,
 ) -> ClassConsistency:
     """Sample every replica of the class at the shipped prompts' positions and compare them pairwise."""
     from ..verify.checks import serving_path_threshold
@@ -207,7 +220,7 @@ def class_consistency(
 
     bound, source = serving_path_threshold(node_class.plan.cache_mode, node_class.plan.split)
     samples = sample_replicas(
-        [(t.name, t.url) for t in replicas], api_key, load_prompts(), timeout_s=timeout_s
+        [(t.name, t.url) for t in replicas], api_key, load_prompts(), timeout_s=timeout_s, deadline=deadline
     )
     return compare(node_class.name, samples, bound, source)
 

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from ..errors import BadInput
+from ..inputs import MAX_DEPTH
 
 Path_ = tuple[str | int, ...]
 MAX_FILE_BYTES = 1 << 20
@@ -58,6 +59,8 @@ def load_located(text: str, source: str) -> Located:
             ) from None
         except yaml.YAMLError as exc:
             raise BadInput(f"{source}: not valid YAML ({exc})", "fix the YAML syntax") from None
+        except RecursionError:
+            raise BadInput(f"{source}: nests too deeply", "an inventory nests a few levels") from None
         located = Located(value=None, source=source)
         if node is None:
             return located
@@ -71,6 +74,8 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, located: Loc
     """Node tree -> values; a node reached twice is an alias (refused: it could expand without bound)."""
     if id(node) in seen:
         raise located.error(path, "YAML aliases (*name) are not supported", "write the value out")
+    if len(path) > MAX_DEPTH:
+        raise located.error(path, f"nests deeper than {MAX_DEPTH} levels", "an inventory nests a few levels")
     seen.add(id(node))
     located.lines[path] = node.start_mark.line + 1
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in (

@@ -1,26 +1,32 @@
-"""`deploy auto`'s pipeline: detect -> plan (confirmed) -> render -> preflight -> fetch-model -> build -> reference ->
-up -> verify (with the KL spot-check against the reference).
+"""`deploy auto`'s pipeline: check -> detect -> plan (confirmed) -> preflight -> render -> fetch-model -> build ->
+reference -> up -> verify (with the KL spot-check against the reference).
 
 Every step is the same function the single-step commands run (steps.py, reference_step.py); re-running converges
 (an unchanged deployment reuses its reference). The caller (the CLI) shows the plan and asks for confirmation
 through a callback, and reads how far the pipeline got from the outcome dict, which run_auto fills in as it goes
 (also when a stage fails).
+
+Nothing is written before the preflight passes, and only into a folder auto may own: a new or empty one, or one
+holding an earlier rendering (render.json); every flag is checked before NVML or Docker are asked.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import validate
 from ..detect.inventory import GpuInventory
-from ..errors import VerificationFailed
+from ..errors import BadInput, VerificationFailed
+from ..facts import layout
 from ..facts.profiles import ModelProfile
 from ..output import Progress
 from ..plan.plan import Plan, PlanRequest
 from ..verify.report import report_dict
-from .deployment import Deployment, endpoint_summary, load_deployment
+from .deployment import Deployment, curl_command, ensure_key_header, load_deployment
 from .reference_step import describe, reference_step
 from .steps import build_step, fetch_step, publishes, up_step, verify_step
 
@@ -52,12 +58,27 @@ def run_auto(
     """Run every stage (outcome["stage"] names the current one); None when confirm() declined the plan."""
     from ..detect.inventory import inventory_for
     from ..facts.profiles import load_profile
-    from ..plan.planner import make_plan
-    from ..render.bundle import RenderOptions, render_bundle
+    from ..plan.planner import check_request, make_plan
+    from ..render.bundle import RenderOptions, check_options, render_bundle
     from . import engine, state
+    from .hub import read_token_file
     from .preflight import check_gpu_runtime, check_port
 
+    options = check_options(
+        RenderOptions(
+            bind=request.bind,
+            port=request.port,
+            models_dir=request.models_dir,
+            gpu_reservation=not request.cpu_only,
+            force=True,
+        )
+    )
     profile = load_profile(request.profile)
+    check_request(profile, request.plan_request)
+    if request.hf_token_file is not None:
+        read_token_file(request.hf_token_file)
+    out = Path(os.path.abspath(request.out))
+    _check_ours(out)
     inventory = inventory_for(request.gpus)
     plan = make_plan(profile, inventory, request.plan_request)
     outcome["plan"] = {
@@ -72,29 +93,20 @@ def run_auto(
         progress.note("not deployed (answer was not yes)")
         return None
 
-    outcome["stage"] = "render"
-    bundle = render_bundle(
-        plan,
-        request.out,
-        RenderOptions(
-            bind=request.bind,
-            port=request.port,
-            models_dir=request.models_dir,
-            gpu_reservation=not request.cpu_only,
-            force=True,
-        ),
-    )
-    dep = load_deployment(bundle.out_dir)
-    outcome.update(out_dir=str(dep.out_dir), url=dep.url, api_key_file=str(dep.api_tokens))
-    progress.note(f"rendered {dep.out_dir} ({'changed' if bundle.changed else 'unchanged'})")
-
     outcome["stage"] = "preflight"
     client = engine.connect()
     if not request.cpu_only:
         check_gpu_runtime(client)
-    ours = engine.find_container(client, state.default_container_name(dep.out_dir))
-    if not publishes(ours, int(dep.manifest["port"])):
-        check_port(str(dep.manifest["bind"]), int(dep.manifest["port"]))
+    ours = engine.find_container(client, state.default_container_name(out))
+    bind = validate.bind_address(request.bind)
+    if not publishes(ours, request.port):
+        check_port(bind, request.port)
+
+    outcome["stage"] = "render"
+    bundle = render_bundle(plan, out, options)
+    dep = load_deployment(bundle.out_dir)
+    outcome.update(out_dir=str(dep.out_dir), url=dep.url, api_key_file=str(dep.api_tokens))
+    progress.note(f"rendered {dep.out_dir} ({'changed' if bundle.changed else 'unchanged'})")
 
     outcome["stage"] = "fetch-model"
     fetched = fetch_step(dep, progress, request.hf_token_file)
@@ -150,5 +162,17 @@ def run_auto(
             f"verification failed: {failed.name}: {failed.detail}",
             f"see `deploy logs --out {dep.out_dir}` and `deploy verify --out {dep.out_dir}`",
         )
-    outcome.update(ok=True, stage="done", curl=endpoint_summary(dep).splitlines()[-1].removeprefix("try: "))
+    ensure_key_header(dep)
+    outcome.update(ok=True, stage="done", curl=curl_command(dep))
     return dep
+
+
+def _check_ours(out: Path) -> None:
+    """auto renders (with --force) only into a new or empty folder, or one that holds an earlier rendering."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} exists and is not a folder", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / layout.MANIFEST).is_file():
+        raise BadInput(
+            f"--out {out} holds files glm-deploy did not render",
+            "choose a new or empty --out (auto never replaces files it did not write)",
+        )

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import inputs
 from ..errors import BadInput
 
 
@@ -54,9 +53,7 @@ class RunSpec:
         data = asdict(self)
         data["image_id"] = image_id
         data["mounted_files"] = {
-            m.source: hashlib.sha256(Path(m.source).read_bytes()).hexdigest()
-            for m in self.mounts
-            if Path(m.source).is_file()
+            m.source: _file_sha256(Path(m.source)) for m in self.mounts if Path(m.source).is_file()
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
 
@@ -75,11 +72,11 @@ def spec_from_compose(
     extra_labels: dict[str, str] | None = None,
 ) -> RunSpec:
     """Read one service of a rendered compose file into a RunSpec (gpu=False drops GPU requests and ulimits)."""
-    try:
-        data = yaml.safe_load(compose_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise BadInput(f"cannot read {compose_path}: {exc}", "run `deploy render` again") from None
-    services = (data or {}).get("services") or {}
+    hint = "run `deploy render` again"
+    data = inputs.parse_yaml(
+        inputs.read_text(compose_path, "compose file", hint=hint), "compose file", compose_path
+    )
+    services = (data if isinstance(data, dict) else {}).get("services") or {}
     if not services:
         raise BadInput(f"{compose_path} has no services", "run `deploy render` again")
     key = service or next(iter(services))
@@ -117,6 +114,15 @@ def spec_from_compose(
     )
 
 
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (a mounted file may be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 VARIABLE = re.compile(
     r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|"
     r"(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
@@ -131,10 +137,7 @@ def _variables(env_path: Path) -> dict[str, str]:
 
 def _env_file(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise BadInput(f"cannot read {path}: {exc.strerror}", "run `deploy render` again") from None
+    lines = inputs.read_text(path, "env file", hint="run `deploy render` again").splitlines()
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,12 +23,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import inputs, redact, validate
 from ..atomic import write_text
 from ..errors import BadInput, EnvironmentMissing, ToolkitError
 from ..facts.layout import MODEL_MARKER
 from ..facts.profiles import BRANCH_PATTERN, REPO_PATTERN
+from ..redact import printable
 
 HASH_BLOCK_BYTES = 8 * 1024 * 1024
+# A quant branch holds a few dozen files (config, tokenizer, shards); a listing this long is not a model.
+MAX_FILES = 10_000
+# The one metadata request (the branch's commit and file list) ends by this deadline, however the hub answers.
+METADATA_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -73,44 +80,72 @@ class ModelFetch:
 
 def model_path(models_dir: Path, revision: str) -> Path:
     """The folder of one quant: models/<branch> (TabbyAPI's model_name is this folder's name)."""
-    if not BRANCH_PATTERN.match(revision):
+    if not BRANCH_PATTERN.fullmatch(revision):
         raise BadInput(f"unsafe revision name {revision!r}", "use a quant branch name from the profile")
     return models_dir / revision
 
 
+def read_token_file(token_file: Path) -> str:
+    """The token in --hf-token-file (checked whenever the flag is given, before any network)."""
+    text = inputs.read_text(
+        token_file, "--hf-token-file", inputs.KEY_FILE_BYTES, "pass a readable token file"
+    )
+    token = text.strip()
+    redact.register(token)
+    if not token:
+        raise BadInput(f"the HF token file {token_file} is empty", "write the token into it")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise BadInput(
+            f"the HF token in {token_file} holds characters an HTTP header cannot carry",
+            "the file holds the token alone (hf_...)",
+        )
+    return token
+
+
 def resolve_token(token_file: Path | None = None) -> str | None:
-    """HF token: HF_TOKEN from the environment, else --hf-token-file, else huggingface_hub's saved token."""
+    """HF token: HF_TOKEN from the environment, else --hf-token-file, else huggingface_hub's saved token.
+
+    Every token is registered for redaction: no output or written file ever shows it.
+    """
+    from_file = read_token_file(token_file) if token_file is not None else None
     from_env = os.environ.get("HF_TOKEN", "").strip()
+    redact.register(from_env)
     if from_env:
         return from_env
-    if token_file is not None:
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise BadInput(
-                f"cannot read the HF token file {token_file}: {exc.strerror}",
-                "pass a readable file to --hf-token-file",
-            ) from None
-        if not token:
-            raise BadInput(f"the HF token file {token_file} is empty", "write the token into it")
-        return token
+    if from_file is not None:
+        return from_file
     from huggingface_hub import get_token
 
-    return get_token()
+    saved = get_token()
+    redact.register(saved)
+    return saved
+
+
+def safe_file_name(name: object) -> bool:
+    """A relative path inside the model folder: no absolute path, no '..' or empty segment, no control character
+    or backslash, at most 512 characters."""
+    if not isinstance(name, str) or not name or len(name) > 512 or name.startswith("/") or "\\" in name:
+        return False
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def read_marker(target: Path, repo: str, revision: str) -> dict[str, Any] | None:
     """The completion marker if it belongs to this repo/revision and every recorded file still has its size."""
     try:
-        marker = json.loads((target / MODEL_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = inputs.read_text(target / MODEL_MARKER, "the completion marker")
+        marker = inputs.parse_json(text, "the completion marker", target / MODEL_MARKER)
+    except BadInput:
         return None
     if not isinstance(marker, dict) or marker.get("repo") != repo or marker.get("revision") != revision:
         return None
     files = marker.get("files")
-    if not isinstance(files, dict) or not files:
+    if not isinstance(files, dict) or not files or not isinstance(marker.get("commit"), str):
         return None
     for rel, size in files.items():
+        if not safe_file_name(rel) or not isinstance(size, int) or isinstance(size, bool):
+            return None
         local = target / rel
         if not local.is_file() or local.stat().st_size != size:
             return None
@@ -121,23 +156,64 @@ def remote_snapshot(
     repo: str, revision: str, token: str | None, endpoint: str | None = None
 ) -> RemoteSnapshot:
     """Ask the hub which commit the branch points at and what its files are (one metadata request)."""
-    if not REPO_PATTERN.match(repo):
+    if not REPO_PATTERN.fullmatch(repo):
         raise BadInput(f"not a repository id: {repo!r}", "use owner/name")
     from huggingface_hub import HfApi
 
+    api = HfApi(endpoint=endpoint, token=token or False)
     with _hub_errors(repo, revision):
-        info = HfApi(endpoint=endpoint, token=token or False).model_info(
-            repo, revision=revision, files_metadata=True
+        info = _within(
+            METADATA_TIMEOUT_S,
+            lambda: api.model_info(repo, revision=revision, files_metadata=True),
+            f"the hub did not answer for {repo}@{revision} within {METADATA_TIMEOUT_S:.0f} s",
         )
-    files = tuple(
-        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
-        for s in info.siblings or ()
-    )
-    if not info.sha or not files:
+    where = f"{repo}@{revision}"
+    siblings = list(info.siblings or ())
+    if len(siblings) > MAX_FILES:
         raise EnvironmentMissing(
-            f"the hub returned no files for {repo}@{revision}", "check the repository and branch on the hub"
+            f"the hub lists {len(siblings)} files for {where}, more than the {MAX_FILES} a model has",
+            "check HF_ENDPOINT: this is not a model repository",
         )
-    return RemoteSnapshot(repo=repo, revision=revision, commit=info.sha, files=files)
+    files = []
+    for sibling in siblings:
+        if not safe_file_name(sibling.rfilename):
+            raise EnvironmentMissing(
+                f"the hub lists an unsafe file name {printable(repr(sibling.rfilename), 120)} for {where} "
+                "(absolute, '..', or control characters)",
+                "nothing was written; check HF_ENDPOINT and the repository",
+            )
+        size = sibling.size or 0
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**50:
+            raise EnvironmentMissing(
+                f"the hub reports size {size!r:.40} for a file of {where}", "check HF_ENDPOINT"
+            )
+        files.append(RemoteFile(sibling.rfilename, size, sibling.lfs.sha256 if sibling.lfs else None))
+    if not isinstance(info.sha, str) or not validate.FULL_SHA.fullmatch(info.sha) or not files:
+        raise EnvironmentMissing(
+            f"the hub returned no files (or no commit) for {where}",
+            "check the repository and branch on the hub",
+        )
+    return RemoteSnapshot(repo=repo, revision=revision, commit=info.sha, files=tuple(files))
+
+
+def _within(seconds: float, call: Callable[[], Any], message: str) -> Any:
+    """call() in a daemon thread, waited on for at most `seconds` (a stalled hub cannot hold the command)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="hub metadata", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise EnvironmentMissing(message, "check the network (or HF_ENDPOINT) and run again")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def missing_bytes(snapshot: RemoteSnapshot, target: Path) -> int:
@@ -303,6 +379,12 @@ def _hub_errors(repo: str, revision: str) -> Iterator[None]:
         status = exc.response.status_code if exc.response is not None else "?"
         raise EnvironmentMissing(
             f"the hub answered HTTP {status} for {where}", "retry later; run again to resume"
+        ) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # huggingface_hub parsing an answer that is not the hub's (a redirect elsewhere, a hostile server)
+        raise EnvironmentMissing(
+            f"the hub's answer for {where} is not what a hub sends ({type(exc).__name__})",
+            "check HF_ENDPOINT (it must point at a Hugging Face hub)",
         ) from None
     except Exception as exc:
         xet = type(exc) is RuntimeError  # how hf_xet reports a failed Xet transfer

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .. import inputs
 from ..atomic import write_text
+from ..errors import BadInput
 from ..facts.layout import STATE
 
 
@@ -45,12 +48,37 @@ def default_container_name(out_dir: Path) -> str:
 
 
 def load_state(out_dir: Path) -> DeploymentState | None:
-    """The recorded deployment, or None when nothing was started (or the file is unreadable)."""
-    try:
-        data = json.loads((out_dir / STATE).read_text(encoding="utf-8"))
-        return DeploymentState(**{f.name: data[f.name] for f in fields(DeploymentState) if f.name in data})
-    except (OSError, ValueError, TypeError):
+    """The recorded deployment, checked (check_state), or None when nothing was started."""
+    return check_state(out_dir)
+
+
+def check_state(out_dir: Path) -> DeploymentState | None:
+    """The state file when it names this out folder and the container `up` gives it, else BadInput (exit 2).
+
+    The container name decides which container `down` removes and `logs` reads: a state file naming any other
+    one was not written by `up` for this folder.
+    """
+    path = out_dir / STATE
+    if not os.path.lexists(path):
         return None
+    hint = f"remove {path} (`deploy up` writes it again)"
+    data = inputs.parse_json(
+        inputs.read_text(path, "the state file", hint=hint), "the state file", path, hint
+    )
+    if not isinstance(data, dict):
+        raise BadInput(f"{path} is not a deployment state", hint)
+    types = {f.name: f.type for f in fields(DeploymentState)}
+    for name, kind in types.items():
+        expected = {"str": str, "int": int, "bool": bool}[str(kind)]
+        value = data.get(name, "" if name == "plan_sha256" else None)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise BadInput(f"{path}: {name} must be {expected.__name__}, got {value!r:.60}", hint)
+    record = DeploymentState(**{name: data.get(name, "") for name in types})
+    if record.out_dir != str(out_dir) or record.container_name != default_container_name(out_dir):
+        raise BadInput(f"{path} names another deployment (out_dir or container_name)", hint)
+    if not 1 <= record.port <= 65535:
+        raise BadInput(f"{path}: port {record.port} is not a TCP port", hint)
+    return record
 
 
 def save_state(out_dir: Path, state: DeploymentState) -> None:

@@ -7,14 +7,15 @@ functions: `deploy plan` starts fast.
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import EnvironmentMissing, ToolkitError
+from .. import inputs
+from ..errors import BadInput, EnvironmentMissing, ToolkitError
 from ..facts.layout import MODEL_MARKER
 from ..output import Progress
 from ..plan.plan import Plan
@@ -199,8 +200,9 @@ def _model_bytes(dep: Deployment) -> int:
     """Bytes of the model on disk: the completed download's, else the plan's weights plus the RAM-side embedding."""
     marker_path = dep.model_dir / MODEL_MARKER
     try:
-        return int(sum(json.loads(marker_path.read_text(encoding="utf-8"))["files"].values()))
-    except (OSError, ValueError, KeyError, TypeError):
+        text = inputs.read_text(marker_path, "the completion marker")
+        return int(sum(inputs.parse_json(text, "the completion marker", marker_path)["files"].values()))
+    except (BadInput, ValueError, KeyError, TypeError, AttributeError):
         from ..facts.profiles import load_profile
 
         embedding = load_profile(dep.plan.profile).architecture.embedding_bytes
@@ -363,11 +365,24 @@ def _gpu_memory(plan: Plan) -> tuple[list[dict[str, Any]] | None, str]:
     return rows, "ok"
 
 
+def check_purgeable(model_dir: Path) -> None:
+    """Only a real folder glm-deploy downloaded into may be deleted: it holds the completion marker or
+    huggingface_hub's download metadata. Anything else at that path (a symlink, a file, a folder of other data)
+    is left alone (exit 2)."""
+    hint = "remove it by hand if it is really the model; glm-deploy deletes only its own downloads"
+    if model_dir.is_symlink() or not model_dir.is_dir():
+        raise BadInput(f"{model_dir} is not a folder glm-deploy downloaded (a symlink or a file)", hint)
+    if not ((model_dir / MODEL_MARKER).is_file() or (model_dir / ".cache" / "huggingface").is_dir()):
+        raise BadInput(f"{model_dir} holds no glm-deploy download (no {MODEL_MARKER})", hint)
+
+
 def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> dict[str, Any]:
     """Remove the container; keep models, keys and the reference unless purge (then they go too)."""
     from . import engine, state
     from .reference_step import reference_path
 
+    if purge and os.path.lexists(dep.model_dir):
+        check_purgeable(dep.model_dir)  # before anything is removed
     name = container_name(dep)
     container = engine.find_container(client, name)
     removed = None
@@ -382,15 +397,13 @@ def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> 
     state.clear_state(dep.out_dir)
     purged = []
     if purge:
-        if dep.model_dir.is_dir():
+        if os.path.lexists(dep.model_dir):
             shutil.rmtree(dep.model_dir)
             purged.append(str(dep.model_dir))
-        if dep.api_tokens.is_file():
-            dep.api_tokens.unlink()
-            purged.append(str(dep.api_tokens))
-        if reference_path(dep).is_file():
-            reference_path(dep).unlink()
-            purged.append(str(reference_path(dep)))
+        for key_file in (dep.api_tokens, dep.key_header, reference_path(dep)):
+            if key_file.is_file() and not key_file.is_symlink():
+                key_file.unlink()
+                purged.append(str(key_file))
         for path in purged:
             progress.note(f"purged {path}")
     else:

@@ -22,9 +22,10 @@ from ..facts.gpu_cards import MAX_GPU_MIB, load_gpu_table, normalize_card_name
 from .inventory import Gpu, GpuInventory
 
 MAX_GPUS = 64
+MAX_SPEC_CHARS = 1000  # 64 groups of a card name each
 UNIT_BYTES = {"gib": 2**30, "mib": 2**20, "gb": 10**9, "mb": 10**6}
-_GROUP = re.compile(r"^(?:(?P<count>\d+)x)?(?P<what>.+)$", re.IGNORECASE)
-_SIZE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>[a-z]+)$", re.IGNORECASE)
+_GROUP = re.compile(r"^(?:(?P<count>\d+)x)?(?P<what>.+)\Z", re.IGNORECASE)
+_SIZE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>[a-z]+)\Z", re.IGNORECASE)
 
 
 def _size_mib(number: str, unit: str, group: str) -> int:
@@ -72,6 +73,11 @@ def _group(group: str, table: dict[str, tuple[str, int]]) -> tuple[int, str, int
 def parse_gpu_spec(spec: str, table: dict[str, tuple[str, int]] | None = None) -> GpuInventory:
     """Turn a --gpus spec into an inventory of empty GPUs (free = total), numbered 0..n-1 in spec order."""
     table = load_gpu_table() if table is None else table
+    if len(spec) > MAX_SPEC_CHARS or re.search(r"\d{13}", spec):
+        raise BadInput(
+            f"GPU spec {spec[:40]!r}... is too long (or has a number of 13 digits or more)",
+            "e.g. --gpus 8x24GiB, 4xRTX5090 or 24GiB,24GiB,48GiB",
+        )
     compact = re.sub(r"\s+", "", spec)
     if not compact:
         raise BadInput("empty --gpus spec", "e.g. --gpus 8x24GiB, 4xRTX5090 or 24GiB,24GiB,48GiB")

@@ -16,6 +16,7 @@ CONFIG = "config.yml"  # TabbyAPI's config
 COMPOSE = "compose.yaml"
 ENV = ".env"  # the values compose.yaml reads (bind, port, models folder, uid/gid)
 API_TOKENS = "api_tokens.yml"  # TabbyAPI's key file (0600)
+API_KEY_HEADER = "api_key.header"  # "X-API-Key: <key>" for `curl -H @file` (0600): the key stays off argv
 PLAN = "plan.json"  # the plan rendered
 MANIFEST = "render.json"  # written last: what was rendered, with file hashes
 MODELS = "models"  # default models folder inside the out folder

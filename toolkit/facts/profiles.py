@@ -10,14 +10,18 @@ from typing import Any
 
 import yaml
 
+from .. import inputs
 from ..errors import BadInput
 from .paths import PROFILES_DIR
 
 # A quant branch doubles as a git revision, a folder name and a Docker label value: keep it boring.
-BRANCH_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Counts in a profile (parameters, bytes, tokens) stay below this: larger is a typo, and would overflow the
+# floating-point memory model.
+MAX_PROFILE_INT = 10**15
+BRANCH_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 NOT_MODELS = ("gpus", "tabbyapi", "bench_ceiling")  # the other data files of profiles/
-CACHE_FLOOR_PATTERN = re.compile(r"^[2-8],[2-8]$")  # a quantized K,V cache mode in TabbyAPI's spelling
-REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+CACHE_FLOOR_PATTERN = re.compile(r"^[2-8],[2-8]\Z")  # a quantized K,V cache mode in TabbyAPI's spelling
+REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -194,14 +198,17 @@ class _Reader:
 
     def positive_int(self, data: dict[str, Any], key: str, field: str) -> int:
         value = self.get(data, key, int, field)
-        if value <= 0:
-            raise self.fail(f"{field}{key}", f"must be positive, got {value}")
+        if not 0 < value <= MAX_PROFILE_INT:
+            raise self.fail(
+                f"{field}{key}", f"must be between 1 and {MAX_PROFILE_INT:.0e}, got {str(value)[:20]}"
+            )
         return value
 
     def number(self, data: dict[str, Any], key: str, field: str, low: float, high: float) -> float:
-        value = float(self.get(data, key, (int, float), field))
+        raw = self.get(data, key, (int, float), field)
+        value = float(raw) if not isinstance(raw, int) or abs(raw) <= MAX_PROFILE_INT else math.inf
         if not low <= value <= high:
-            raise self.fail(f"{field}{key}", f"must be between {low} and {high}, got {value}")
+            raise self.fail(f"{field}{key}", f"must be between {low} and {high}, got {value:.6g}")
         return value
 
 
@@ -388,10 +395,14 @@ def load_profile(name_or_path: str = "glm-4.7") -> ModelProfile:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if p.stem not in NOT_MODELS))
         raise BadInput(f"no profile {name_or_path!r}", f"use one of: {known}, or a path to a profile YAML")
+    text = inputs.read_text(path, "profile", hint="fix the profile file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise BadInput(f"profile {path}:{where} is not valid YAML", "fix the profile file") from None
+    except RecursionError:
+        raise BadInput(f"profile {path} nests too deeply", "fix the profile file") from None
+    inputs.check_depth(data, "profile", path, "fix the profile file")
     return parse_profile(data, path)

@@ -66,9 +66,15 @@ FP16 = CacheMode(16, 16)
 _ALIASES = {"FP16": FP16, "Q4": CacheMode(4, 4), "Q6": CacheMode(6, 6), "Q8": CacheMode(8, 8)}
 
 
+CACHE_MODE_CHARS = frozenset("0123456789, ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
 def parse_cache_mode(text: str) -> CacheMode:
-    """Accept what TabbyAPI accepts: "FP16", "k,v" (integers 2..8) and the aliases Q4/Q6/Q8."""
-    cleaned = text.strip().upper().replace(" ", "")
+    """Accept what TabbyAPI accepts: "FP16", "k,v" (integers 2..8) and the aliases Q4/Q6/Q8 (spaces ignored; any
+    other whitespace, such as a trailing newline, is refused)."""
+    if not isinstance(text, str) or not set(text) <= CACHE_MODE_CHARS:
+        raise BadInput(f"unknown cache mode {text!r}", "use auto, FP16, Q4, Q6, Q8 or K,V bits such as 6,5")
+    cleaned = text.upper().replace(" ", "")
     if cleaned in _ALIASES:
         return _ALIASES[cleaned]
     parts = cleaned.split(",")

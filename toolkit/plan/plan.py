@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,22 +104,29 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """Rebuild a plan from `deploy plan --json` output (KeyError/TypeError on a malformed one)."""
+        """Rebuild a plan from `deploy plan --json` output; a field of the wrong type (a number as text, a
+        fraction where a count belongs, a boolean, NaN) is a TypeError or ValueError naming it, never coerced.
+        What the values mean (the quant, the GPUs, the memory) is plan.check.check_plan's."""
         return cls(
-            profile=data["profile"],
-            hf_repo=data["hf_repo"],
-            quant=data["quant"],
-            bpw=float(data["bpw"]),
-            weights_gib=float(data["weights_gib"]),
-            context=int(data["context"]),
-            max_context=int(data["max_context"]),
-            cache_size=int(data["cache_size"]),
-            cache_mode=str(data["cache_mode"]),
-            split=data["split"],
-            gpu_split=None if data["gpu_split"] is None else [float(x) for x in data["gpu_split"]],
-            chunk_size=int(data["chunk_size"]),
-            headroom_mib=int(data["headroom_mib"]),
-            per_gpu=tuple(GpuAllocation(**a) for a in data["per_gpu"]),
+            profile=_typed(data, "profile", str),
+            hf_repo=_typed(data, "hf_repo", str),
+            quant=_typed(data, "quant", str),
+            bpw=_number(data, "bpw"),
+            weights_gib=_number(data, "weights_gib"),
+            context=_typed(data, "context", int),
+            max_context=_typed(data, "max_context", int),
+            cache_size=_typed(data, "cache_size", int),
+            cache_mode=_typed(data, "cache_mode", str),
+            split=_typed(data, "split", str),
+            gpu_split=None
+            if data["gpu_split"] is None
+            else [_number({"gpu_split": x}, "gpu_split") for x in _typed(data, "gpu_split", (list, tuple))],
+            chunk_size=_typed(data, "chunk_size", int),
+            headroom_mib=_typed(data, "headroom_mib", int),
+            per_gpu=tuple(
+                GpuAllocation(**{name: _typed(a, name, int) for name in GpuAllocation.__dataclass_fields__})
+                for a in _typed(data, "per_gpu", (list, tuple))
+            ),
             expected=Expected(**data["expected"]),
             rejected=tuple(Rejection(**r) for r in data["rejected"]),
             inventory=GpuInventory.from_dict(data["inventory"]),
@@ -126,18 +134,43 @@ class Plan:
         )
 
 
-def _stack(data: dict[str, Any]) -> Stack:
-    margin = data["uncalibrated_margin"]
+def _stack(data: Any) -> Stack:
+    """The plan's serving stack, each field of its type (render validates what the strings may hold)."""
+    stack = _typed({"stack": data}, "stack", dict)
+    if not isinstance(stack.get("calibrated"), bool):
+        raise TypeError("stack.calibrated must be true or false")
+    margin = stack["uncalibrated_margin"]
     return Stack(
-        tabbyapi=str(data["tabbyapi"]),
-        exllamav3=str(data["exllamav3"]),
-        torch=str(data["torch"]),
-        cuda=str(data["cuda"]),
-        python=str(data["python"]),
-        calibration=str(data["calibration"]),
-        calibrated=bool(data["calibrated"]),
-        uncalibrated_margin=None if margin is None else UncalibratedMargin(**margin),
+        tabbyapi=_typed(stack, "tabbyapi", str),
+        exllamav3=_typed(stack, "exllamav3", str),
+        torch=_typed(stack, "torch", str),
+        cuda=_typed(stack, "cuda", str),
+        python=_typed(stack, "python", str),
+        calibration=_typed(stack, "calibration", str),
+        calibrated=stack["calibrated"],
+        uncalibrated_margin=None
+        if margin is None
+        else UncalibratedMargin(**_typed(stack, "uncalibrated_margin", dict)),
     )
+
+
+def _typed(data: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+    """data[key], which must be of `kind` (an int never a bool, at most 2^53)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected an object holding {key}")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and abs(value) > 2**53):
+        name = kind.__name__ if isinstance(kind, type) else "list"
+        raise TypeError(f"{key} must be {name}, got {value!r:.40}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    """data[key] as a finite float (an int is fine)."""
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r:.40}")
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import validate
 from ..detect.inventory import GpuInventory
 from ..errors import BadInput, NoFit
 from ..facts.profiles import ChunkFallback, ModelProfile, Quant
 from ..facts.runtime import CACHE_PAGE_TOKENS
-from ..facts.tabby_pin import TabbyPin, load_tabby_pin
+from ..facts.tabby_pin import CUDA_CHOICES, TabbyPin, load_tabby_pin
 from .memory import (
     FP16,
     GIB,
@@ -86,6 +87,7 @@ CACHE_LADDER: tuple[CacheMode, ...] = (FP16,) + tuple(
     )
 )
 SPLIT_CHOICES = ("auto", "tp", "layer")
+MAX_HEADROOM_MIB = 16 * 2**20  # no GPU has more memory than this (16 TiB)
 
 
 @dataclass(frozen=True)
@@ -279,10 +281,36 @@ def make_plan(
     return plan_with_details(profile, inventory, request, pin)[0]
 
 
+def check_request(profile: ModelProfile, request: PlanRequest) -> None:
+    """Every part of the request that does not depend on the GPUs (exit 2), so it can be checked before NVML."""
+    required_context(profile, request)
+    if request.headroom_mib is not None and request.headroom_mib < 0:
+        raise BadInput(f"--headroom-mib {request.headroom_mib} is negative", "give 0 or more MiB")
+    if request.headroom_mib is not None and request.headroom_mib > MAX_HEADROOM_MIB:
+        raise BadInput(
+            f"--headroom-mib {request.headroom_mib} is above {MAX_HEADROOM_MIB}", "give a GPU's MiB"
+        )
+    if request.split not in SPLIT_CHOICES:
+        raise BadInput(f"unknown split {request.split!r}", "use auto, tp or layer")
+    if request.cache.strip().lower() != "auto":
+        parse_cache_mode(request.cache)
+    if request.quant is not None:
+        profile.quant(request.quant)
+    if request.cuda not in CUDA_CHOICES:
+        raise BadInput(
+            f"--cuda {request.cuda!r} is not one of {', '.join(CUDA_CHOICES)}", "use auto, 13 or 12"
+        )
+    if request.tabby_ref is not None:
+        validate.git_ref(request.tabby_ref)
+    if request.exllamav3 is not None:
+        validate.package_version(request.exllamav3, "--exllamav3")
+
+
 def plan_with_details(
     profile: ModelProfile, inventory: GpuInventory, request: PlanRequest, pin: TabbyPin | None = None
 ) -> tuple[Plan, PlanDetails]:
     """make_plan, plus the candidates that fit and the chunk-size trade (PlanDetails)."""
+    check_request(profile, request)
     if not inventory.gpus:
         raise BadInput("the GPU inventory is empty", "give --gpus, e.g. --gpus 8x24GiB")
     stack = choose_stack(profile, pin or load_tabby_pin(), inventory, request)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__, validate
+from .. import __version__, inputs, validate
+from ..atomic import write_text
 from ..errors import BadInput
 from ..facts import layout
 from ..facts.layout import API_TOKENS, MANIFEST
@@ -102,20 +103,31 @@ class Bundle:
     manifest_data: dict = field(default_factory=dict, compare=False)
 
 
+def check_options(options: RenderOptions) -> RenderOptions:
+    """Every user choice that does not depend on the plan, checked before any plan is made (exit 2)."""
+    validate.bind_address(options.bind)
+    validate.port(options.port)
+    if options.models_dir is not None:
+        validate.host_path(options.models_dir)
+    return options
+
+
 def load_or_make_api_tokens(out_dir: Path) -> str:
-    """The existing key file's text when valid (re-rendering keeps the key), else new keys from `secrets`."""
+    """The existing key file's text when valid (re-rendering keeps the key), else new keys from `secrets`.
+
+    Only a regular file in the out folder counts: a symlink (to a key file elsewhere) is not read as this
+    deployment's key.
+    """
     path = out_dir / API_TOKENS
+    if path.is_symlink():
+        raise BadInput(f"{path} is a symlink", "remove it: the key file of a deployment is a file of its own")
     if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BadInput(
-                f"cannot read the existing key file {path} ({exc.strerror})",
-                "render as the user who rendered it first",
-            ) from None
+        text = inputs.read_text(
+            path, "the key file", inputs.KEY_FILE_BYTES, "render as the user who rendered it"
+        )
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             data = None
         if isinstance(data, dict) and all(
             isinstance(data.get(k), str) and 16 <= len(data[k]) <= 256 and set(data[k]) <= _KEY_ALPHABET
@@ -312,6 +324,41 @@ def _stage(staging: Path, files: dict[str, tuple[str, int]], owner: tuple[int, .
             os.chown(path, *owner)
 
 
+def _check_occupied(out_dir: Path, names: list[str]) -> None:
+    """Every path a re-render replaces must be a file (or absent): a folder or a FIFO there is refused before
+    anything is written, so that the bundle is never half-replaced."""
+    for name in names:
+        path = out_dir / name
+        if os.path.lexists(path) and not (path.is_symlink() or path.is_file()):
+            raise BadInput(
+                f"--out {out_dir}: {name} is {'a folder' if path.is_dir() else 'not a regular file'}",
+                f"remove {path} and render again",
+            )
+
+
+def key_header_text(api_tokens_text: str) -> str:
+    """The header file curl reads with `-H @file`: the API key off every command line."""
+    data = yaml.safe_load(api_tokens_text)
+    return f"X-API-Key: {data['api_key']}\n"
+
+
+def write_key_header(out_dir: Path, api_tokens_text: str) -> Path:
+    """Write (or keep) the 0600 header file beside api_tokens.yml."""
+    path = out_dir / layout.API_KEY_HEADER
+    text = key_header_text(api_tokens_text)
+    try:
+        unchanged = (
+            not path.is_symlink()
+            and path.read_text(encoding="utf-8") == text
+            and (path.stat().st_mode & 0o777) == 0o600
+        )
+    except (OSError, ValueError):
+        unchanged = False
+    if not unchanged:
+        write_text(path, text, SECRET_MODE)
+    return path
+
+
 def _install(staging: Path, out_dir: Path, files: dict[str, tuple[str, int]]) -> None:
     """Move the staged files into place: one rename of the folder when --out is new, else file by file."""
     if not out_dir.exists():
@@ -338,18 +385,25 @@ def render_bundle(plan: Plan, out_dir: Path | str, options: RenderOptions | None
             f"--out {out_dir} already holds {'a different rendering' if ours else 'other files'}",
             "pass --force to replace the rendered files (the API key and other files are kept)",
         )
-    if changed:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.render-", dir=out_dir.parent))
-        try:
-            # Root can hand the key file to the container's user; anyone else already owns it.
-            owner = tuple(int(x) for x in manifest["run_as"].split(":")) if os.getuid() == 0 else None
-            _stage(staging, files, owner)
-            os.chmod(staging, 0o755)
-            _install(staging, out_dir, files)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+    _check_occupied(out_dir, [*files, layout.API_KEY_HEADER])
+    try:
+        if changed:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.render-", dir=out_dir.parent))
+            try:
+                # Root can hand the key file to the container's user; anyone else already owns it.
+                owner = tuple(int(x) for x in manifest["run_as"].split(":")) if os.getuid() == 0 else None
+                _stage(staging, files, owner)
+                os.chmod(staging, 0o755)
+                _install(staging, out_dir, files)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+        write_key_header(out_dir, api_tokens_text)
+    except OSError as error:
+        raise BadInput(
+            f"cannot write --out {out_dir} ({error.strerror or error})", "choose a writable --out"
+        ) from None
     return Bundle(
         out_dir=out_dir,
         dockerfile=out_dir / layout.DOCKERFILE,

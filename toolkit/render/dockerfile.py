@@ -32,7 +32,7 @@ START_PERIOD_BASE_S = 300
 START_PERIOD_S_PER_GIB = 5
 
 _QUOTABLE = re.compile(r'^[^\x00-\x1f\x7f"\\$`]*$')
-_RAW = re.compile(r"^[A-Za-z0-9._,:;+/ -]*$")
+_RAW = re.compile(r"^[A-Za-z0-9._,:;+/ -]*\Z")
 _HASH_LABEL_LINE = re.compile(rf'({re.escape(DOCKERFILE_HASH_LABEL)}=)"[0-9a-f]*"')
 
 

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..redact import printable
 from .client import ServerError, TabbyClient
-from .kl import KlSummary, position_kl, side_from_entries, summarize
+from .kl import KlSummary, distribution_problem, position_kl, side_from_entries, summarize
+from .limits import REQUEST_TIMEOUT_S, VERIFY_TIMEOUT_S
 from .readiness import Expectations, model_problems, served_model
 from .reference import (
     KIND_DEPLOYMENT,
@@ -69,7 +71,8 @@ class VerifyRequest:
     profile: str = "glm-4.7"
     wait_s: float = 0.0
     top_k: int = SERVED_TOP_K
-    timeout_s: float = 120.0
+    timeout_s: float = REQUEST_TIMEOUT_S  # one request
+    deadline_s: float = VERIFY_TIMEOUT_S  # every check together, after the wait
     split: str | None = None  # single | tp | layer: named with the serving-path bound
 
 
@@ -115,21 +118,36 @@ def _not_run(name: str, reason: str) -> Check:
     return Check(name=name, passed=False, detail=f"not run: {reason}", skipped=True)
 
 
-def wait_until_ready(client: TabbyClient, wait_s: float) -> None:
-    """Poll until /health and /v1/model answer 200 (TabbyAPI closes its port while loading), or time runs out."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            health = client.health()
-            if health.status_code == 503 and health.issues:
-                return  # sticky: it will not recover
-            if health.status_code == 200:
-                client.model()
-                return
-        except ServerError as error:
-            if error.status == 401:
-                return
-        time.sleep(1.0)
+class InvalidDistribution(ServerError):
+    """The server's answer at one position is not a distribution of log-probabilities."""
+
+
+def wait_until_ready(client: TabbyClient, wait_s: float) -> str | None:
+    """Poll until /health and /v1/model answer 200 (TabbyAPI closes its port while loading), or time runs out.
+
+    Every request of the wait ends by the wait's end. Returns None once the server answered anything (the checks
+    then say what is wrong), else why it never did.
+    """
+    saved, client.deadline = client.deadline, time.monotonic() + wait_s
+    silence: str | None = "no answer"
+    try:
+        while (client.time_left() or 0) > 0:
+            try:
+                health = client.health()
+                silence = None
+                if health.status_code == 503 and health.issues:
+                    return None  # sticky: it will not recover
+                if health.status_code == 200:
+                    client.model()
+                    return None
+            except ServerError as error:
+                if error.status is not None:
+                    return None
+                silence = str(error)
+            time.sleep(min(1.0, max(0.0, client.time_left() or 0)))
+        return silence
+    finally:
+        client.deadline = saved
 
 
 def check_liveness(client: TabbyClient) -> Check:
@@ -145,7 +163,7 @@ def check_liveness(client: TabbyClient) -> Check:
             "liveness", False, f"/health answered HTTP {health.status_code}", time.monotonic() - started
         )
     issues = (
-        f"{len(health.issues)} earlier failed generation(s), last: {health.issues[-1]}"
+        f"{len(health.issues)} earlier failed generation(s), last: {printable(str(health.issues[-1]), 300)}"
         if health.issues
         else ("no issues listed")
     )
@@ -181,9 +199,10 @@ def check_readiness(client: TabbyClient, expect: Expectations) -> tuple[Check, d
     elapsed = time.monotonic() - started
     served = served_model(card)
     problems = model_problems(card, expect)
-    summary = (
+    summary = printable(
         f"model {served['id']!r}, cache_mode {served['cache_mode']}, max_seq_len {served['max_seq_len']}, "
-        f"cache_size {served['cache_size']}"
+        f"cache_size {served['cache_size']}",
+        1000,
     )
     if problems:
         return Check("readiness", False, "; ".join(problems) + f" (serving {summary})", elapsed), served
@@ -323,10 +342,17 @@ def measure_kl(
         started = time.monotonic()
         served = client.next_token_logprobs([p.prefix for p in prompt.positions], top_k, add_bos)
         seconds += time.monotonic() - started
-        for position, entries in zip(prompt.positions, served):
+        for number, (position, entries) in enumerate(zip(prompt.positions, served), 1):
             if entries is None:
                 missing += 1
                 continue
+            problem = distribution_problem(entries)
+            if problem is not None:
+                raise InvalidDistribution(
+                    f"not log-probabilities at prompt {prompt.name!r} position {number} "
+                    f"({position.token_count} tokens): {problem}",
+                    200,
+                )
             ref_side = side_from_entries(position.entries(), collisions)
             served_side = side_from_entries(entries, collisions)
             results.append(
@@ -402,9 +428,11 @@ def run_verify(request: VerifyRequest, client: TabbyClient | None = None) -> Ver
     served: dict[str, Any] | None = None
     kl: KlOutcome | None = None
     try:
-        if request.wait_s > 0:
-            wait_until_ready(client, request.wait_s)
+        silence = wait_until_ready(client, request.wait_s) if request.wait_s > 0 else None
+        client.deadline = time.monotonic() + request.deadline_s
         try:
+            if silence is not None:
+                raise ServerError(f"no answer within --wait {request.wait_s:g} s ({silence})")
             checks.append(check_liveness(client))
         except ServerError as error:
             checks.append(Check("liveness", False, f"unreachable: {error}"))

@@ -31,6 +31,10 @@ import numpy as np
 
 # Probabilities below this are treated as this (a served -1000.0 logprob means -inf: KL is then huge, not inf).
 PROB_FLOOR = 1e-30
+# What a real log-probability may exceed 0 by (float rounding of log_softmax), and what the reported
+# probabilities of one position may sum to beyond 1 (float32 rounding of up to a few hundred terms is ~1e-5).
+LOGPROB_TOLERANCE = 1e-4
+MASS_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -43,28 +47,71 @@ class Side:
     top1: str | None
 
 
+def distribution_problem(entries: Iterable[tuple[str, object]]) -> str | None:
+    """Why these (string, logprob) entries are not log-probabilities of one distribution, or None when they are.
+
+    Each value must be a finite number <= 0 (within LOGPROB_TOLERANCE) and the reported probabilities together
+    <= 1 (within MASS_TOLERANCE). Anything else -- 0.0 everywhere, +inf, NaN, text, a distribution shifted
+    upward -- is not something a model reported, and must not reach the KL estimator, which would read it as a
+    perfect match.
+    """
+    mass = 0.0
+    count = 0
+    for key, value in entries:
+        count += 1
+        shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"the logprob of {shown} is {_brief(value)}, not a number"
+        if isinstance(value, int):
+            if value > 0:
+                return f"the logprob of {shown} is {_brief(value)}, above 0 (a probability above 1)"
+            value = float(value) if value > -(10**6) else -math.inf
+        if not math.isfinite(value):
+            return f"the logprob of {shown} is {value}, not a finite number"
+        if value > LOGPROB_TOLERANCE:
+            return f"the logprob of {shown} is {value:.6g}, above 0 (a probability above 1)"
+        mass += math.exp(min(value, 0.0))
+    if count == 0:
+        return "no entries"
+    if mass > 1.0 + MASS_TOLERANCE:
+        return f"the reported probabilities sum to {mass:.6g}, more than 1"
+    return None
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def side_from_entries(
     entries: Iterable[tuple[str, float]], vocab_counts: Mapping[str, int] | None = None
 ) -> Side:
     """Merge (string, logprob) entries by summing per string; exact = all ids of that string were reported.
 
-    Entries come in rank order (TabbyAPI's top-K and reference files are sorted by probability), so the first
-    entry's string is the argmax id's string even when a TabbyAPI dict overwrote that string's value.
+    The entries must be log-probabilities (distribution_problem() is None). Top-1 is the string of the largest
+    single value: the order an answer lists its entries in proves nothing. The one exception is a string several
+    ids decode to (vocab_counts > 1) listed first: a TabbyAPI dict keeps the first position of such a string but
+    the last (smallest) of its values, so there the first position is the better witness of the argmax.
     """
     entries = list(entries)
     counts = vocab_counts or {}
     probs: dict[str, float] = {}
     seen: dict[str, int] = {}
     smallest = 1.0
+    top1: str | None = None
+    best = -math.inf
     for key, logprob in entries:
-        p = math.exp(logprob) if logprob > -1000.0 else 0.0
+        value = min(float(logprob), 0.0)
+        p = math.exp(value) if value > -1000.0 else 0.0
         probs[key] = probs.get(key, 0.0) + p
         seen[key] = seen.get(key, 0) + 1
         smallest = min(smallest, p)
+        if top1 is None or value > best:
+            top1, best = key, value
+    if entries and counts.get(entries[0][0], 1) > 1:
+        top1 = entries[0][0]
     exact = frozenset(k for k, n in seen.items() if n >= counts.get(k, 1))
-    return Side(
-        probs=probs, exact=exact, cap=smallest if probs else 1.0, top1=entries[0][0] if entries else None
-    )
+    return Side(probs=probs, exact=exact, cap=smallest if probs else 1.0, top1=top1)
 
 
 def _waterfill(

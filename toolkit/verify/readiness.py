@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import BadInput
 from ..plan.memory import parse_cache_mode
+from ..redact import printable
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,28 @@ class Expectations:
 
 
 def served_model(card: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a /v1/model answer that readiness looks at."""
-    parameters = card.get("parameters") or {}
+    """The fields of a /v1/model answer that readiness looks at, as plain values: text as inert text (at most
+    200 characters), token counts as integers; anything else a server sends shows as its (shortened) repr."""
+    parameters = card.get("parameters")
+    parameters = parameters if isinstance(parameters, dict) else {}
     return {
-        "id": card.get("id"),
-        "cache_mode": parameters.get("cache_mode"),
-        "max_seq_len": parameters.get("max_seq_len"),
-        "cache_size": parameters.get("cache_size"),
+        "id": _text(card.get("id")),
+        "cache_mode": _text(parameters.get("cache_mode")),
+        "max_seq_len": _count(parameters.get("max_seq_len")),
+        "cache_size": _count(parameters.get("cache_size")),
     }
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return printable(value if isinstance(value, str) else repr(value), 200)
+
+
+def _count(value: Any) -> int | str | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63):
+        return value
+    return printable(repr(value), 60)
 
 
 def same_cache_mode(reported: Any, expected: str) -> bool:

@@ -23,10 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import yaml
-
-from ..atomic import write_text
-from ..errors import BadInput
+from .. import inputs
+from ..atomic import write_bytes, write_text
+from ..errors import BadInput, VerificationFailed
+from ..redact import redact_data
+from .kl import distribution_problem
 
 if TYPE_CHECKING:
     from .client import TabbyClient
@@ -46,6 +47,7 @@ POSITIONS_PER_PROMPT = 4
 MIN_CONTEXT_SHARE = 0.25
 RECORD_TOP_K = 100
 COMPUTE_TOP_K = 200
+MAX_TOP_K = 1000  # --top-k above this only makes references huge: the spot-check reads K = 100
 # Encoded through /v1/token/encode (or the local tokenizer) and hashed: equal hashes mean the same tokenizer.
 TOKENIZER_PROBE = (
     "Tokenizer probe: The quick brown fox jumps over the lazy dog. 0123456789 "
@@ -141,14 +143,10 @@ class Reference:
 def load_prompts(path: Path | None = None) -> list[Prompt]:
     """A prompt set (YAML or JSON: {version: 1, prompts: [{name, text}]}); the shipped default when None."""
     source = path or DEFAULT_PROMPTS
-    try:
-        data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise BadInput(
-            f"cannot read prompt set {source}: {error.strerror}", "pass a readable --prompts file"
-        ) from None
-    except yaml.YAMLError:
-        raise BadInput(f"prompt set {source} is not valid YAML/JSON", "fix the file") from None
+    what = "--prompts"
+    data = inputs.parse_yaml(
+        inputs.read_text(source, what, hint="pass a readable --prompts file"), what, source
+    )
     items = data.get("prompts") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
         raise BadInput(
@@ -209,16 +207,19 @@ def choose_prefixes(
 
 
 def save_reference(reference: Reference, path: Path) -> None:
-    """Write JSON (gzip when the name ends in .gz) atomically."""
-    text = json.dumps(reference.as_dict(), ensure_ascii=False)
+    """Write JSON (gzip when the name ends in .gz) atomically, every secret the run read redacted."""
+    for prompt in reference.prompts:
+        for number, position in enumerate(prompt.positions, 1):
+            problem = distribution_problem(position.entries())
+            if problem is not None:
+                raise VerificationFailed(
+                    f"not writing {path}: prompt {prompt.name!r} position {number} is not log-probabilities: "
+                    f"{problem}",
+                    "the server does not report a real distribution; check what it serves",
+                )
+    text = json.dumps(redact_data(reference.as_dict()), ensure_ascii=False, allow_nan=False)
     if path.suffix == ".gz":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_bytes(path, gzip.compress(text.encode("utf-8"), mtime=0))
     else:
         write_text(path, text + "\n")
 
@@ -246,30 +247,38 @@ def _position(path: Path, raw: Any, where: str) -> Position:
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(tokens)):
         raise _bad(path, f"{where}.top.ids must match tokens")
     prefix_ids = raw.get("prefix_ids")
-    try:
-        return Position(
-            prefix=raw["prefix"],
-            token_count=int(raw.get("token_count") or 0),
-            prefix_ids=tuple(int(i) for i in prefix_ids) if prefix_ids is not None else None,
-            top_ids=tuple(int(i) for i in ids) if ids is not None else None,
-            top_tokens=tuple(str(t) for t in tokens),
-            top_logprobs=tuple(float(v) for v in logprobs),
-        )
-    except (TypeError, ValueError):
-        raise _bad(path, f"{where} has a non-numeric id or logprob") from None
+    token_count = raw.get("token_count") or 0
+    if not _whole(token_count) or token_count < 0:
+        raise _bad(path, f"{where}.token_count {token_count!r} is not a whole number")
+    for name, values in (("prefix_ids", prefix_ids), ("top.ids", ids)):
+        if values is not None and (not isinstance(values, list) or not all(_whole(i) for i in values)):
+            raise _bad(path, f"{where}.{name} must be a list of token ids")
+    if not all(isinstance(t, str) for t in tokens):
+        raise _bad(path, f"{where}.top.tokens must be strings")
+    problem = distribution_problem(zip(tokens, logprobs))
+    if problem is not None:
+        raise _bad(path, f"{where}: not log-probabilities: {problem}")
+    return Position(
+        prefix=raw["prefix"],
+        token_count=token_count,
+        prefix_ids=tuple(prefix_ids) if prefix_ids is not None else None,
+        top_ids=tuple(ids) if ids is not None else None,
+        top_tokens=tuple(tokens),
+        top_logprobs=tuple(float(v) for v in logprobs),
+    )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**40
 
 
 def load_reference(path: Path) -> Reference:
     """Read and validate a reference file; any problem is one BadInput line (exit 2)."""
-    try:
-        raw = path.read_bytes()
-        data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except OSError as error:
-        raise BadInput(
-            f"cannot read reference {path}: {error.strerror}", "pass an existing --reference file"
-        ) from None
-    except (ValueError, EOFError):
-        raise _bad(path, "is not JSON (or gzip of JSON)") from None
+    what = "--reference"
+    raw = inputs.read_bytes(path, what, inputs.REFERENCE_BYTES, "pass an existing --reference file")
+    if raw[:2] == b"\x1f\x8b":
+        raw = inputs.inflate(raw, what, path, inputs.REFERENCE_BYTES)
+    data = inputs.parse_json(inputs.decode(raw, what, path), what, path, "record it again", constants=True)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise _bad(path, f"is not a {FORMAT} file")
     if data.get("version") != VERSION:
@@ -290,15 +299,29 @@ def load_reference(path: Path) -> Reference:
             ReferencePrompt(name=str(p.get("name", i)), text=str(p.get("text", "")), positions=positions)
         )
     collisions = data.get("vocab_collisions")
+    if collisions is not None and (
+        not isinstance(collisions, dict) or not all(_whole(v) and v > 0 for v in collisions.values())
+    ):
+        raise _bad(path, "vocab_collisions must map strings to counts")
+    for field_name in ("settings", "tokenizer"):
+        if not isinstance(data.get(field_name) or {}, dict):
+            raise _bad(path, f"{field_name} must be a mapping")
+    settings = dict(data.get("settings") or {})
+    top_k = settings.get("top_k")
+    if top_k is not None and (not _whole(top_k) or not 1 <= top_k <= MAX_TOP_K):
+        raise _bad(path, f"settings.top_k {top_k!r} is not a whole number in 1..{MAX_TOP_K}")
+    if not isinstance(settings.get("add_bos_token", False), bool):
+        raise _bad(path, "settings.add_bos_token must be true or false")
+    tokenizer = dict(data.get("tokenizer") or {})
+    if not all(isinstance(tokenizer.get(k), (str, type(None))) for k in ("probe", "probe_ids_sha256")):
+        raise _bad(path, "tokenizer.probe and tokenizer.probe_ids_sha256 must be text")
     return Reference(
         kind=data["kind"],
         model_id=str(data.get("model_id", "")),
         created=str(data.get("created", "")),
-        settings=dict(data.get("settings") or {}),
-        tokenizer=dict(data.get("tokenizer") or {}),
-        vocab_collisions={str(k): int(v) for k, v in collisions.items()}
-        if isinstance(collisions, dict)
-        else None,
+        settings=settings,
+        tokenizer=tokenizer,
+        vocab_collisions=dict(collisions) if isinstance(collisions, dict) else None,
         prompts=tuple(prompts),
     )
 
@@ -315,8 +338,11 @@ def record_reference(
 ) -> Reference:
     """Record a reference from a live deployment: prefixes via /v1/token/encode, top-K via one-token completions.
 
-    Collisions are already collapsed by the server, so vocab_collisions stays unknown (None).
+    Collisions are already collapsed by the server, so vocab_collisions stays unknown (None). Every answer must be
+    log-probabilities (ServerError naming the position otherwise): nothing else may become a reference.
     """
+    from .client import ServerError
+
     card = client.model()
     probe_ids = client.encode(TOKENIZER_PROBE)
     recorded = []
@@ -325,6 +351,12 @@ def record_reference(
         if not cuts:
             continue
         tops = client.next_token_logprobs([prefix for prefix, _ in cuts], top_k)
+        for number, top in enumerate(tops, 1):
+            problem = distribution_problem(top) if top is not None else None
+            if problem is not None:
+                raise ServerError(
+                    f"not log-probabilities at prompt {prompt.name!r} position {number}: {problem}", 200
+                )
         recorded.append(
             ReferencePrompt(
                 name=prompt.name,

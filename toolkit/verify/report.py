@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
+from ..redact import printable, redact
 from .checks import VerifyReport
 
 
@@ -79,7 +80,13 @@ def junit_suite(report: VerifyReport, name: str = "deploy verify") -> ET.Element
 
 
 def junit_document(suites: ET.Element) -> str:
-    """Serialize a <testsuites> element as a JUnit XML document."""
+    """Serialize a <testsuites> element as a JUnit XML document, every secret the run read redacted and
+    control characters (which XML 1.0 cannot carry) escaped."""
+    for element in suites.iter():
+        if element.text:
+            element.text = printable(redact(element.text), 10_000)
+        for key, value in element.attrib.items():
+            element.attrib[key] = printable(redact(value), 10_000)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
 
 

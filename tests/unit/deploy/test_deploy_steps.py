@@ -146,7 +146,12 @@ def test_endpoint_summary_points_at_the_key_without_showing_it(rendered: Path) -
     key = (rendered / "api_tokens.yml").read_text().split("api_key:")[1].split()[0]
     text = endpoint_summary(dep)
     assert key not in text and str(rendered / "api_tokens.yml") in text
-    assert "http://127.0.0.1:5123/v1/chat/completions" in text and "sed -n 's/^api_key: *//p'" in text
+    # curl reads the header from a 0600 file (-H @file): the key is on no command line, not even expanded there
+    header = rendered / "api_key.header"
+    assert (
+        "http://127.0.0.1:5123/v1/chat/completions" in text and f"-H @{header}" in text and "$(" not in text
+    )
+    assert header.read_text() == f"X-API-Key: {key}\n" and (header.stat().st_mode & 0o777) == 0o600
 
 
 def test_stack_differences_name_every_part_that_is_not_the_plans(rendered: Path) -> None:

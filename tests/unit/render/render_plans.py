@@ -116,3 +116,17 @@ def make_plan(
         inventory=inventory,
         stack=pinned_stack(driver_cuda),
     )
+
+
+def planned(spec: str, driver_cuda: str | None = None) -> Plan:
+    """A plan the planner really makes for a --gpus spec (what a plan.json file holds), on a driver of that CUDA
+    version when given: a plan file is checked for meaning, so file-based tests need one that could exist."""
+    from dataclasses import replace
+
+    from toolkit.detect.gpu_spec import parse_gpu_spec
+    from toolkit.facts.profiles import load_profile
+    from toolkit.plan.plan import PlanRequest
+    from toolkit.plan.planner import make_plan as plan_for
+
+    plan = plan_for(load_profile("glm-4.7"), parse_gpu_spec(spec), PlanRequest())
+    return replace(plan, inventory=replace(plan.inventory, cuda_driver_version=driver_cuda))

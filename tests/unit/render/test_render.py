@@ -16,7 +16,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from tests.unit.render.render_plans import SERVING, make_plan
+from tests.unit.render.render_plans import SERVING, make_plan, planned
 from toolkit.cli import main
 from toolkit.errors import BadInput, EnvironmentMissing
 from toolkit.facts.tabby_pin import choose_cuda, load_tabby_pin
@@ -368,8 +368,13 @@ def test_api_key_file_is_private_and_kept(tmp_path: Path) -> None:
     assert set(keys) == {"api_key", "admin_key"} and keys["api_key"] != keys["admin_key"]
     assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys.values())
     assert stat.S_IMODE(bundle.api_tokens.stat().st_mode) == 0o600
+    header = bundle.out_dir / "api_key.header"  # for `curl -H @file`: the key's only other copy, also 0600
+    assert (
+        header.read_text() == f"X-API-Key: {keys['api_key']}\n"
+        and stat.S_IMODE(header.stat().st_mode) == 0o600
+    )
     for path in bundle.out_dir.iterdir():
-        if path.name != "api_tokens.yml":
+        if path.name not in ("api_tokens.yml", "api_key.header"):
             assert keys["api_key"] not in path.read_text()
     again = _render(tmp_path, make_plan(2, "tp", "h200", context=32768), force=True)
     assert again.changed and yaml.safe_load(again.api_tokens.read_text()) == keys
@@ -421,7 +426,7 @@ def _fail_fourth_fsync(monkeypatch) -> None:
 
 def test_a_write_failure_leaves_no_half_written_directory(tmp_path: Path, monkeypatch) -> None:
     _fail_fourth_fsync(monkeypatch)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match="No space left on device"):
         _render(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -430,7 +435,7 @@ def test_a_write_failure_leaves_an_existing_rendering_as_it_was(tmp_path: Path, 
     first = _render(tmp_path)
     before = {p.name: p.read_bytes() for p in first.out_dir.iterdir()}
     _fail_fourth_fsync(monkeypatch)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match="No space left on device"):
         _render(tmp_path, make_plan(4, "layer"), force=True)
     assert {p.name: p.read_bytes() for p in first.out_dir.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -453,7 +458,7 @@ def test_manifest_lists_hashes_but_not_the_key(tmp_path: Path) -> None:
 
 def test_cli_renders_a_plan_file_and_never_prints_the_key(tmp_path: Path, capsys) -> None:
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(make_plan(2, "tp", "h200").to_dict()))
+    plan_file.write_text(json.dumps(planned("2xH200").to_dict()))
     out = tmp_path / "deploy"
     assert main(["render", "--plan", str(plan_file), "--out", str(out), "--models-dir", "/srv/models"]) == 0
     printed = capsys.readouterr()
@@ -475,7 +480,7 @@ def test_cli_renders_a_plan_file_and_never_prints_the_key(tmp_path: Path, capsys
 @pytest.mark.parametrize(
     "argv,code,message",
     [
-        (["--plan", "{missing}"], 2, "cannot read plan"),
+        (["--plan", "{missing}"], 2, "cannot read --plan"),
         (["--plan", "{garbage}"], 2, "is not a `deploy plan --json` object"),
         (["--plan", "{plan}", "--gpus", "2xH200"], 2, "cannot be combined"),
         (["--plan", "{plan}", "--cuda", "13"], 2, "--plan cannot be combined with --cuda"),
@@ -491,7 +496,9 @@ def test_cli_renders_a_plan_file_and_never_prints_the_key(tmp_path: Path, capsys
             "installs exactly the pinned",
         ),
         (["--plan", "{plan}", "--port", "http"], 2, "not a TCP port"),
-        (["--plan", "{plan}", "--bind", "0.0.0.0\nRUN id"], 2, "not an IP address"),
+        (["--plan", "{plan}", "--bind", "0.0.0.0\nRUN id"], 2, "control character"),
+        (["--plan", "{plan}", "--bind", "0.0.0.0 RUN id"], 2, "not an IP address"),
+        (["--plan", "{overfull}"], 2, "over its usable memory"),
         (["--plan", "{old_driver}"], 4, "570"),
     ],
 )
@@ -501,10 +508,14 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path, capsys, argv, c
         "garbage": tmp_path / "garbage.json",
         "plan": tmp_path / "plan.json",
         "old_driver": tmp_path / "old.json",
+        "overfull": tmp_path / "overfull.json",
     }
     files["garbage"].write_text('{"profile": "glm-4.7"}')
-    files["plan"].write_text(json.dumps(make_plan(1, "single", "h200").to_dict()))
-    files["old_driver"].write_text(json.dumps(make_plan(1, "single", "h200", driver_cuda="12.4").to_dict()))
+    files["plan"].write_text(json.dumps(planned("1xH200").to_dict()))
+    files["old_driver"].write_text(json.dumps(planned("1xH200", driver_cuda="12.4").to_dict()))
+    overfull = planned("1xH200").to_dict()
+    overfull["per_gpu"][0]["weights_mib"] += overfull["per_gpu"][0]["free_after_mib"] + 1  # one MiB too many
+    files["overfull"].write_text(json.dumps(overfull))
     argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
     assert main(["render", *argv, "--out", str(tmp_path / "out")]) == code
     err = capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""A plan from a file (`deploy render --plan`, a rendered folder's plan.json) checked for meaning, not only shape.
+
+A plan.json can be edited by hand. Before anything is rendered or deployed from one, it must still describe a plan
+glm-deploy could have made: its profile's repository and one of its quants (with that quant's bpw and weights),
+a cache mode TabbyAPI accepts in its own spelling, a split that fits the number of GPUs, a context within the
+model's range with a cache of whole pages, one allocation per planned GPU of the inventory, and no GPU planned
+beyond its usable memory. Any other plan is bad input (exit 2) naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import validate
+from ..detect.inventory import inventory_from_json
+from ..errors import BadInput
+from ..facts.profiles import load_profile
+from ..facts.runtime import CACHE_PAGE_TOKENS
+from .memory import parse_cache_mode, weights_bytes
+from .plan import SPLITS, Plan
+
+# The plan's weights_gib is rounded to 0.01 GiB by the planner.
+WEIGHTS_TOLERANCE_GIB = 0.02
+
+
+def plan_from_data(data: Any, source: str) -> Plan:
+    """A Plan from parsed JSON, checked for shape and for meaning; BadInput naming the source otherwise."""
+    hint = "re-run `deploy plan --json > plan.json` (do not edit it by hand)"
+    if not isinstance(data, dict):
+        raise BadInput(f"plan {source} is not a `deploy plan --json` object", hint)
+    try:
+        plan = Plan.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadInput(
+            f"plan {source} is not a `deploy plan --json` object ({type(exc).__name__}: {exc})", hint
+        ) from None
+    inventory_from_json(
+        data["inventory"], lambda problem: BadInput(f"plan {source}: inventory {problem}", hint)
+    )
+    return check_plan(plan, source)
+
+
+def check_plan(plan: Plan, source: str = "plan.json") -> Plan:
+    """The plan when it means something glm-deploy could have planned, else BadInput naming what does not."""
+    hint = "re-run `deploy plan --json > plan.json` (do not edit it by hand)"
+
+    def fail(problem: str) -> BadInput:
+        return BadInput(f"plan {source}: {problem}", hint)
+
+    for name, value in (("profile", plan.profile), ("quant", plan.quant)):
+        if not validate.SAFE_NAME.fullmatch(value):
+            raise fail(f"{name} {value!r} is not a safe name")
+    profile = load_profile(plan.profile)
+    if plan.hf_repo != profile.hf_repo:
+        raise fail(f"hf_repo {plan.hf_repo!r} is not {profile.name}'s repository {profile.hf_repo!r}")
+    quant = next((q for q in profile.quants if q.branch == plan.quant), None)
+    if quant is None:
+        raise fail(f"quant {plan.quant!r} is not one of {profile.name}'s quants")
+    if abs(plan.bpw - quant.bpw) > 1e-9:
+        raise fail(f"bpw {plan.bpw} is not {quant.branch}'s {quant.bpw}")
+    weights_gib = weights_bytes(profile.architecture, quant) / 2**30
+    if abs(plan.weights_gib - weights_gib) > WEIGHTS_TOLERANCE_GIB:
+        raise fail(f"weights_gib {plan.weights_gib} is not {quant.branch}'s {weights_gib:.2f}")
+    try:
+        mode = parse_cache_mode(plan.cache_mode)
+    except BadInput:
+        raise fail(f"cache_mode {plan.cache_mode!r} is not a TabbyAPI cache mode") from None
+    if mode.label != plan.cache_mode:
+        raise fail(f"cache_mode {plan.cache_mode!r} is not in TabbyAPI's spelling {mode.label!r}")
+    maximum = profile.architecture.max_position_embeddings
+    if not 1 <= plan.context <= maximum:
+        raise fail(f"context {plan.context} is outside 1..{maximum}")
+    if not plan.context <= plan.max_context <= maximum:
+        raise fail(f"max_context {plan.max_context} is outside {plan.context}..{maximum}")
+    if (
+        plan.cache_size % CACHE_PAGE_TOKENS
+        or not plan.context <= plan.cache_size < plan.context + CACHE_PAGE_TOKENS
+    ):
+        raise fail(
+            f"cache_size {plan.cache_size} is not context {plan.context} rounded up to {CACHE_PAGE_TOKENS}"
+        )
+    if not 1 <= plan.chunk_size <= 1 << 20 or plan.headroom_mib < 0:
+        raise fail(f"chunk_size {plan.chunk_size} or headroom_mib {plan.headroom_mib} is out of range")
+    _check_split(plan, profile.architecture.num_key_value_heads, fail)
+    _check_memory(plan, fail)
+    return plan
+
+
+def _check_split(plan: Plan, kv_heads: int, fail: Any) -> None:
+    """single on one GPU, tp on 2..KV heads, layer on 2 or more; gpu_split one budget per GPU (layer only)."""
+    count = len(plan.per_gpu)
+    if plan.split not in SPLITS:
+        raise fail(f"split {plan.split!r} is not one of {', '.join(SPLITS)}")
+    fits = {"single": count == 1, "tp": 2 <= count <= kv_heads, "layer": count >= 2}[plan.split]
+    if not fits:
+        raise fail(f"split {plan.split} does not fit {count} planned GPU(s)")
+    if plan.gpu_split is not None and (
+        len(plan.gpu_split) != count or not all(0 < gb <= 1e4 for gb in plan.gpu_split)
+    ):
+        raise fail(f"gpu_split {plan.gpu_split} is not one positive budget per planned GPU")
+
+
+def _check_memory(plan: Plan, fail: Any) -> None:
+    """One allocation per distinct GPU of the inventory; none beyond the GPU's usable (<= free <= total) memory."""
+    gpus = {gpu.index: gpu for gpu in plan.inventory.gpus}
+    seen: set[int] = set()
+    for allocation in plan.per_gpu:
+        gpu = gpus.get(allocation.index)
+        if gpu is None or allocation.index in seen:
+            raise fail(f"per_gpu index {allocation.index} is not one of the inventory's GPUs, once each")
+        seen.add(allocation.index)
+        planned = allocation.weights_mib + allocation.cache_mib + allocation.overhead_mib
+        parts = (allocation.weights_mib, allocation.cache_mib, allocation.overhead_mib)
+        if allocation.total_mib != gpu.total_mib or not 0 < allocation.usable_mib <= gpu.free_mib:
+            raise fail(
+                f"GPU {allocation.index}: usable {allocation.usable_mib} MiB is not within its free "
+                f"{gpu.free_mib} MiB (total {gpu.total_mib})"
+            )
+        if min(parts) < 0 or planned > allocation.usable_mib:
+            raise fail(
+                f"GPU {allocation.index} is planned over its usable memory: {planned} MiB of "
+                f"{allocation.usable_mib} MiB"
+            )
+        if allocation.free_after_mib != allocation.usable_mib - planned:
+            raise fail(f"GPU {allocation.index}: free_after_mib does not add up")
