@@ -332,6 +332,7 @@ def test_oom_is_diagnosed_and_retry_smaller_recovers(
     # The retry re-renders for half the context; its image name is known by re-planning a copy the same way.
     preview = tmp_path / "preview"
     shutil.copytree(site.out, preview)
+    (preview / "deploy-state.json").unlink()  # it names site.out's container: a copy is not that deployment
     half = smaller_context(site.context, 32768)
     assert half == site.context // 2 // 256 * 256
     retried = replan(load_deployment(preview), half)
@@ -422,7 +423,8 @@ def test_auto_runs_the_whole_pipeline_and_converges(docker_client, site: Site) -
     assert not list(site.out.glob(".reference-*"))  # and so is its staging folder
     assert first["api_key_file"] == str(site.out / "api_tokens.yml")
     key = (site.out / "api_tokens.yml").read_text()
-    assert "sed -n" in first["curl"] and key.split("api_key:")[1].split()[0] not in json.dumps(first)
+    assert f"-H @{site.out / 'api_key.header'}" in first["curl"] and "$(" not in first["curl"]
+    assert key.split("api_key:")[1].split()[0] not in json.dumps(first)
 
     second = _json(site.deploy(*args, "--yes", "--json"))
     assert second["action"] == "kept" and second["container"] == first["container"]
