@@ -6,9 +6,10 @@
 2. its distributions (FP16 cache, prefill then a one-token forward, as TabbyAPI's generator) against exllamav3's
    plain forward of the same weights (model_diff's convention), full vocabulary, at the same positions;
 3. real TabbyAPI serving the 4 bpw folder, `deploy verify --reference` with the serving-path threshold of the
-   expected cache mode: served with FP16 (planned FP16), 5,4 (planned 5,4), 2,2 while FP16 was planned (a wrong
-   setting), and the 2 bpw folder under the 4 bpw folder's name (wrong weights); FP16 also against a reference made
-   with the plain forward (which computation is closer to the server).
+   expected cache mode: served with FP16, 8,8, 6,5, 5,4 and 4,4 (each as planned), 2,2 while FP16 was planned (a
+   wrong setting), and each other quant folder (--wrong: 2 and 6 bpw) under the 4 bpw folder's name with FP16 and
+   5,4 (wrong weights); FP16 also against a reference made with the plain forward (which computation is closer to
+   the server).
 
 Writes results.json after every step. Run by run.sh.
 """
@@ -108,6 +109,21 @@ def methods(model: Path, reference_path: Path, plain_path: Path) -> dict[str, An
     }
 
 
+def serving_folder(folder: Path, served_as: str, work: Path) -> Path:
+    """`folder` under the name `served_as`: a real folder of hard links, since TabbyAPI names the model after the
+    resolved folder (a symlink would give the weights away by name and readiness, not KL, would catch them)."""
+    if folder.name == served_as:
+        return folder
+    served = work / "serve" / served_as
+    if served.exists():
+        for old in served.iterdir():
+            old.unlink()
+    served.mkdir(parents=True, exist_ok=True)
+    for item in folder.iterdir():
+        os.link(item, served / item.name)
+    return served
+
+
 def serve(
     tabby: Path,
     folder: Path,
@@ -125,12 +141,8 @@ def serve(
     key_file = work / "api_key"
     key_file.write_text(key)
     key_file.chmod(0o600)
-    link = work / "serve" / served_as
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink():
-        link.unlink()
-    link.symlink_to(folder)
-    server = spotcheck.Tabby(tabby, link, cache, key, work / f"tabby-{served_as}-{cache}.log")
+    served = serving_folder(folder, served_as, work)
+    server = spotcheck.Tabby(tabby, served, cache, key, work / f"tabby-{served_as}-{cache}.log")
     run: dict[str, Any] = {
         "weights": folder.name,
         "served_as": served_as,
@@ -200,7 +212,13 @@ def serve(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deployed", type=Path, required=True, help="the deployed quant folder (4 bpw)")
-    parser.add_argument("--wrong", type=Path, help="another quant folder of the same model (2 bpw)")
+    parser.add_argument(
+        "--wrong",
+        type=Path,
+        action="append",
+        default=[],
+        help="another quant folder of the same model (repeat)",
+    )
     parser.add_argument("--tabby", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
@@ -221,13 +239,16 @@ def main() -> int:
     results["methods"] = methods(args.deployed, reference, plain)
     spotcheck.log(f"methods: {results['methods']}")
     save()
-    jobs = [
-        ("FP16", args.deployed, "FP16", "FP16", {"deployment": reference, "plain_forward": plain}),
-        ("wrong cache 2,2 (planned FP16)", args.deployed, "2,2", "FP16", {"deployment": reference}),
-        ("5,4", args.deployed, "5,4", "5,4", {"deployment": reference}),
-    ]
-    if args.wrong is not None and (args.wrong / "config.json").is_file():
-        jobs.append(("wrong weights (2 bpw as 4 bpw)", args.wrong, "FP16", "FP16", {"deployment": reference}))
+    deployment = {"deployment": reference}
+    jobs = [("FP16", args.deployed, "FP16", "FP16", {**deployment, "plain_forward": plain})]
+    jobs.append(("5,4", args.deployed, "5,4", "5,4", deployment))
+    jobs.append(("wrong cache 2,2 (planned FP16)", args.deployed, "2,2", "FP16", deployment))
+    for wrong in (w for w in args.wrong if (w / "config.json").is_file()):
+        for mode in ("FP16", "5,4"):
+            name = f"wrong weights ({wrong.name} as {args.deployed.name}, {mode})"
+            jobs.append((name, wrong, mode, mode, deployment))
+    # The remaining modes last: if the budget runs short, the wrong deployments have been served.
+    jobs += [(mode, args.deployed, mode, mode, deployment) for mode in ("8,8", "6,5", "4,4")]
     results["served"] = {}
     for name, folder, cache, expect, references in jobs:
         if clock.left() < 45:
