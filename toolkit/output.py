@@ -83,7 +83,58 @@ class Progress:
         with self.console.status(text) as status:
             yield lambda line: status.update(f"{text}  {line[-150:]}")
 
+    @contextmanager
+    def bar(self, text: str, total: int) -> Iterator[ByteBar]:
+        """A byte progress bar (rich, when stderr is a terminal); in logs, one plain line per advance."""
+        self.note(text)
+        if not self.live:
+            yield ByteBar(total, self._plain_update)
+            return
+        from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        columns = (BarColumn(), DownloadColumn(binary_units=True), TimeRemainingColumn())
+        with RichProgress("{task.description}", *columns, console=self.console, transient=True) as shown:
+            task = shown.add_task("", total=total)
+            yield ByteBar(
+                total,
+                lambda line: shown.update(task, description=line[-60:]),
+                lambda done: shown.update(task, completed=done),
+            )
+
     def _plain_update(self, line: str) -> None:
         if line != self._last and not self.quiet:
             self._last = line
             self.console.print(f"  {line[-200:]}", markup=False, highlight=False)
+
+
+class ByteBar:
+    """What a bar's caller moves: bytes done (advance) and the latest line of the work (line)."""
+
+    def __init__(
+        self,
+        total: int,
+        show_line: Callable[[str], None],
+        show_done: Callable[[int], None] | None = None,
+    ) -> None:
+        self.total = total
+        self.done = 0
+        self._show_line = show_line
+        self._show_done = show_done
+
+    def advance(self, n: int, line: str) -> None:
+        """n more bytes are done; line says what (shown with the running total in logs)."""
+        self.done += n
+        if self._show_done is None:
+            self._show_line(f"{line}: {_size(self.done)} of {_size(self.total)}")
+            return
+        self._show_done(self.done)
+        self._show_line(line)
+
+    def line(self, text: str) -> None:
+        """The work's latest line of output."""
+        self._show_line(text)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,1 @@
+"""TEST DOUBLE: conversion (compile, quant_config, optimize_model)."""

@@ -1,0 +1,1 @@
+"""TEST DOUBLE: safetensors loading."""

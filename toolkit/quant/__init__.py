@@ -1,0 +1,1 @@
+"""Exact quant sizes and mixed-precision quants assembled from published branches."""
