@@ -683,7 +683,8 @@ class PythonRunner:
     """The entry point run by a local Python that imports exllamav3 (--python): paths are the host's own."""
 
     def __init__(self, python: str) -> None:
-        path = Path(os.path.abspath(python))
+        found = python if os.sep in python else shutil.which(python) or python  # a bare name: from the PATH
+        path = Path(os.path.abspath(found))
         if not path.is_file() or not os.access(path, os.X_OK):
             raise BadInput(
                 f"--python {path} is not an executable file", "pass the python of an env with exllamav3"
