@@ -302,10 +302,10 @@ class FetchedFile:
 def fetch_file(
     repo: str,
     revision: str,
-    filename: str,
     models_dir: Path,
     token: str | None,
     *,
+    filename: str,
     limit: int,
     endpoint: str | None = None,
     progress: bool = True,
