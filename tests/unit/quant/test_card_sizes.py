@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_group_shares_match_the_models_parameter_shares() -> None:
     assert weights["head"] == arch.head_params
 
 
-def test_the_real_sized_file_reads_within_the_cap(tmp_path) -> None:  # noqa: ANN001 - pytest's tmp_path
+def test_the_real_sized_file_reads_within_the_cap(tmp_path: Path) -> None:
     """The file exllamav3 writes for GLM-4.7 (~51 MiB, 43,824 modules) passes the size cap and reads exactly."""
     text = glm47_storage.quantization_config_text(8.0, 8)
     (tmp_path / QUANT_CONFIG).write_text(text)
