@@ -1,6 +1,7 @@
 """Quant: exact quant sizes and mixed-precision quants assembled from published branches.
 
 storage.py reads an EXL3 quant's quantization_config.json (exllamav3's tensor_storage: every stored tensor's shape
-and bytes) into exact VRAM bytes per module, tensor group and layer, without loading anything. Dependencies point
+and bytes) into exact VRAM bytes per module, tensor group and layer, without loading anything; sizes.py turns that
+into `deploy quant sizes`' report, with the model card's size beside the exact one. Dependencies point
 cli -> quant -> facts; quant uses only toolkit.inputs, atomic, errors, validate and output besides.
 """
