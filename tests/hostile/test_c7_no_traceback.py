@@ -27,6 +27,9 @@ USAGE_ERRORS = {
     "reference without action": ["reference"],
     "cluster without subcommand": ["cluster"],
     "cluster unknown subcommand": ["cluster", "launch"],
+    "quant without subcommand": ["quant"],
+    "quant sizes without a source": ["quant", "sizes"],
+    "quant sizes with two sources": ["quant", "sizes", "--model-dir", ".", "--quant", "3bpw_H6"],
 }
 
 

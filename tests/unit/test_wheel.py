@@ -109,7 +109,7 @@ def test_installed_wheel_plans_and_renders_outside_the_checkout(
     bounds = bounds_dict(
         candidate_bounds(profile, inventory, details.candidates)
     )  # bandwidths from the wheel
-    shown = {**expected.to_dict(), "decode_bound": bounds, "chunk_trade": None}
+    shown = {"mix_proposal": None, **expected.to_dict(), "decode_bound": bounds, "chunk_trade": None}
     assert json.loads(plan.stdout) == json.loads(json.dumps(shown))
 
     run(venv / "bin" / "deploy", "render", "--gpus", "2xH200", "--out", "tmp", cwd=tmp_path, env=env)

@@ -15,10 +15,37 @@ from typing import NoReturn
 
 from .. import __version__, redact
 from ..errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInput, ToolkitError
-from . import auto, bench, cluster, detect, lifecycle, node_config, plan, quant, reference, render, verify
+from . import (
+    auto,
+    bench,
+    cluster,
+    detect,
+    lifecycle,
+    node_config,
+    plan,
+    quant,
+    quant_mix,
+    reference,
+    render,
+    verify,
+)
 
-# One module per command (or group); each has register(subparsers). Help lists them in this order.
-COMMANDS = (auto, bench, cluster, detect, lifecycle, node_config, plan, quant, reference, render, verify)
+# One module per command (or group); each has register(subparsers). Help lists them in this order. A module adding
+# subcommands to a group another module made (`deploy quant ...`) asks options.command_group for it, after it here.
+COMMANDS = (
+    auto,
+    bench,
+    cluster,
+    detect,
+    lifecycle,
+    node_config,
+    plan,
+    quant,
+    quant_mix,
+    reference,
+    render,
+    verify,
+)
 
 
 class UsageError(BadInput):

@@ -24,6 +24,7 @@ NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
 DEFAULT_PORT = str(DEFAULT_HOST_PORT)  # argparse default: parsed like a given value
 MAX_SECONDS = 7 * 24 * 3600  # a week: longer waits are typos (and inf/nan are not waits)
 WHOLE_NUMBER = re.compile(r"-?[0-9][0-9_]{0,17}")
+GROUP_SUBCOMMANDS = "glm_deploy_subcommands"  # where a command group's parser keeps its subcommand registry
 
 
 def add_plan_options(parser: Any) -> None:
@@ -84,6 +85,18 @@ def add_plan_options(parser: Any) -> None:
         action="store_true",
         help="plan a stack that has no memory calibration of its own, keeping a stated margin more free per GPU",
     )
+
+
+def command_group(subparsers: Any, name: str, help_text: str = "", description: str = "") -> Any:
+    """The subcommand registry of the group `deploy NAME`, created by the first module that asks (with its help):
+    modules adding subcommands to one group (`deploy quant sizes`, `deploy quant mix`) each ask for it from their
+    register(), and never import each other."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help_text, description=description)
+        commands = parser.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)
+        setattr(parser, GROUP_SUBCOMMANDS, commands)
+    return getattr(parser, GROUP_SUBCOMMANDS)
 
 
 def add_port_option(parser: Any) -> None:

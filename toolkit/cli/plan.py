@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
         "--json",
         action="store_true",
         help="print the plan as JSON (the hand-off contract, plus decode_bound and chunk_trade, which render "
-        "ignores)",
+        "ignores; mix_proposal is null unless the chosen quant leaves a gap a mix would fill)",
     )
     parser.set_defaults(run=run)
 
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         from ..output import emit_json
 
         chunk_trade = details.chunk_trade.to_dict() if details.chunk_trade else None
-        emit_json({**plan.to_dict(), "decode_bound": bounds_dict(bounds), "chunk_trade": chunk_trade})
+        data = {"mix_proposal": None, **plan.to_dict()}  # null when the plan proposes no mix
+        emit_json({**data, "decode_bound": bounds_dict(bounds), "chunk_trade": chunk_trade})
     else:
         print_plan(plan, profile, inventory, request, bounds, details.chunk_trade)
     return 0

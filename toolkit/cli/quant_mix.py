@@ -6,6 +6,12 @@ import argparse
 from typing import Any
 
 from ..errors import EXIT_OK, BadInput
+from .options import command_group
+
+
+def register(subparsers: Any) -> None:
+    """`mix` in the `quant` group (cli/quant.py makes the group; main lists this module after it)."""
+    register_mix(command_group(subparsers, "quant"))
 
 
 def register_mix(quant_subparsers: Any) -> None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..detect.inventory import GpuInventory
 from ..facts.profiles import ModelProfile
-from ..plan.plan import ChunkTrade, Plan, PlanRequest
+from ..plan.plan import ChunkTrade, MixProposal, Plan, PlanRequest
 from ..redact import printable
 
 if TYPE_CHECKING:
@@ -142,7 +142,21 @@ def print_plan(
         )
     if bounds:
         out.print(_bound_note(bounds, plan), markup=False)
+    if plan.mix_proposal is not None:
+        out.print(gap_line(plan.mix_proposal, plan, required), markup=False)
     out.print(stack_line(plan), markup=False)
+
+
+def gap_line(proposal: MixProposal, plan: Plan, required: int | str) -> str:
+    """The unused memory and the mix that would fill it, in one line (the KL said to be an estimate)."""
+    sizes = " + ".join(f"{d.gb:g} GB ({d.branch})" for d in proposal.downloads)
+    return (
+        f"gap: {proposal.free_gib_before:.1f} GiB of weights unused at {required} tokens (cache {plan.cache_mode}, "
+        f"{plan.split}) -> mix {proposal.lower} + {proposal.upper} at {proposal.target_gib:g} GiB, KL "
+        f"~{proposal.expected_kl:.2f} (estimate, interpolated between the card's points; {proposal.lower} alone "
+        f"{plan.expected.kl:.2f}) -- deploy quant mix --lower models/{proposal.lower} --upper "
+        f"models/{proposal.upper} --target-gib {proposal.target_gib:g} (downloads {sizes})"
+    )
 
 
 def _bound_cell(bound: DecodeBound | None) -> str:

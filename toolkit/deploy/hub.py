@@ -283,6 +283,82 @@ def fetch_model(
     )
 
 
+@dataclass(frozen=True)
+class FetchedFile:
+    """One file of a branch, pinned to the branch's commit, in the model folder fetch-model fills."""
+
+    path: str
+    repo: str
+    revision: str
+    commit: str
+    size: int
+    reused: bool  # taken from a complete model folder without asking the hub
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def fetch_file(
+    repo: str,
+    revision: str,
+    models_dir: Path,
+    token: str | None,
+    *,
+    filename: str,
+    limit: int,
+    endpoint: str | None = None,
+    progress: bool = True,
+) -> FetchedFile:
+    """One file of repo@revision (a quant's quantization_config.json) into models_dir/<revision>/, the folder
+    fetch-model fills. A complete model folder's copy (completion marker) is used without the network; otherwise
+    the hub names the branch's commit and the file's size (refused above `limit` before a byte is fetched), that
+    commit's file is downloaded (huggingface_hub's local-dir metadata lets a later fetch-model keep it) and its size
+    and, for an LFS file, sha256 are checked."""
+    target = model_path(models_dir, revision)
+    if not safe_file_name(filename):
+        raise BadInput(f"unsafe file name {filename!r}", "name a file of the branch")
+    marker = read_marker(target, repo, revision)
+    if marker is not None and isinstance(marker["files"].get(filename), int):
+        return FetchedFile(
+            str(target / filename), repo, revision, marker["commit"], marker["files"][filename], reused=True
+        )
+    snapshot = remote_snapshot(repo, revision, token, endpoint)
+    where = f"{repo}@{revision}"
+    remote = next((f for f in snapshot.files if f.path == filename), None)
+    if remote is None:
+        raise BadInput(f"{where} has no {filename}", "choose a branch that holds an EXL3 quant")
+    if remote.size > limit:
+        raise EnvironmentMissing(
+            f"the hub lists {filename} of {where} at {_gib(remote.size)} GiB, more than the "
+            f"{limit / 2**20:.0f} MiB such a file has",
+            "check HF_ENDPOINT and the branch",
+        )
+    check_disk(target, remote.size)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    target.mkdir(parents=True, exist_ok=True)
+    (enable_progress_bars if progress else disable_progress_bars)()
+    with _hub_errors(repo, revision):
+        hf_hub_download(
+            repo,
+            filename,
+            revision=snapshot.commit,
+            local_dir=target,
+            token=token or False,
+            endpoint=endpoint,
+        )
+    local = target / filename
+    pinned = RemoteSnapshot(repo, revision, snapshot.commit, (remote,))
+    if verify_files(pinned, target):
+        _discard(target, filename)
+        raise EnvironmentMissing(
+            f"{filename} of {where} does not match the hub's size or sha256", "run the command again"
+        )
+    return FetchedFile(str(local), repo, revision, snapshot.commit, remote.size, reused=False)
+
+
 def verify_files(snapshot: RemoteSnapshot, target: Path) -> list[str]:
     """Paths whose size or sha256 differs from the hub's report (hashing runs in threads: hashlib frees the GIL)."""
     bad = [

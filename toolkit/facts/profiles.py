@@ -127,6 +127,18 @@ class UncalibratedMargin:
 
 
 @dataclass(frozen=True)
+class MixPolicy:
+    """When the planner proposes a mix of two published branches (profile `mix:`; toolkit/plan/gap.py)."""
+
+    codebook: (
+        str  # the codebook every branch of the repository uses: only branches of one codebook can be mixed
+    )
+    min_gap_gib: float  # propose only when at least this much of the weights budget is left unused
+    margin_gib: float  # the target is the budget rounded down to whole GiB, minus this
+    source: str  # why these numbers
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     """A model, its quant catalog and its serving settings, as read from a profile file."""
 
@@ -144,6 +156,7 @@ class ModelProfile:
     # loaded; the planner switches to its stack's (with_calibration).
     memory_overhead: MemoryOverhead
     calibration: str
+    mix: MixPolicy | None = None  # None: the profile proposes no mixes
 
     def calibration_for(self, exllamav3: str) -> Calibration | None:
         """The calibration measured with that exllamav3 version, if any."""
@@ -330,6 +343,25 @@ def _margin(reader: _Reader, data: dict[str, Any]) -> UncalibratedMargin:
     )
 
 
+CODEBOOKS = ("mcg", "mul1", "3inst")  # exllamav3's EXL3 codebooks (toolkit/quant/storage.py)
+
+
+def _mix(reader: _Reader, data: Any) -> MixPolicy | None:
+    """mix: (optional) {codebook, min_gap_gib, margin_gib, source}."""
+    if data is None:
+        return None
+    data = reader.mapping(data, "mix")
+    codebook = reader.get(data, "codebook", str, "mix.")
+    if codebook not in CODEBOOKS:
+        raise reader.fail("mix.codebook", f"must be one of {', '.join(CODEBOOKS)}, got {codebook!r}")
+    return MixPolicy(
+        codebook=codebook,
+        min_gap_gib=reader.number(data, "min_gap_gib", "mix.", 0.0, 1e4),
+        margin_gib=reader.number(data, "margin_gib", "mix.", 0.0, 1e3),
+        source=reader.get(data, "source", str, "mix."),
+    )
+
+
 def parse_profile(data: Any, source: Path) -> ModelProfile:
     """Validate a profile's parsed YAML into a ModelProfile."""
     reader = _Reader(source)
@@ -384,6 +416,7 @@ def parse_profile(data: Any, source: Path) -> ModelProfile:
         ),
         memory_overhead=calibrations[-1].terms,
         calibration=calibrations[-1].exllamav3,
+        mix=_mix(reader, data.get("mix")),
     )
 
 

@@ -14,13 +14,16 @@ from typing import Any
 from .. import validate
 from ..detect.inventory import inventory_from_json
 from ..errors import BadInput
-from ..facts.profiles import load_profile
+from ..facts.profiles import ModelProfile, load_profile
 from ..facts.runtime import CACHE_PAGE_TOKENS
+from .gap import download_gb, interpolated_kl
 from .memory import parse_cache_mode, weights_bytes
 from .plan import SPLITS, Plan
 
-# The plan's weights_gib is rounded to 0.01 GiB by the planner.
+# The plan's weights_gib is rounded to 0.01 GiB by the planner, as are a mix proposal's GiB figures; its expected
+# KL to 4 decimals.
 WEIGHTS_TOLERANCE_GIB = 0.02
+KL_TOLERANCE = 1e-4
 
 
 def plan_from_data(data: Any, source: str) -> Plan:
@@ -83,6 +86,7 @@ def check_plan(plan: Plan, source: str = "plan.json") -> Plan:
         raise fail(f"chunk_size {plan.chunk_size} or headroom_mib {plan.headroom_mib} is out of range")
     _check_split(plan, profile.architecture.num_key_value_heads, fail)
     _check_memory(plan, fail)
+    _check_mix(plan, profile, fail)
     return plan
 
 
@@ -123,3 +127,52 @@ def _check_memory(plan: Plan, fail: Any) -> None:
             )
         if allocation.free_after_mib != allocation.usable_mib - planned:
             raise fail(f"GPU {allocation.index}: free_after_mib does not add up")
+
+
+def _check_mix(plan: Plan, profile: ModelProfile, fail: Any) -> None:
+    """A mix proposal mixes the planned quant with a larger branch of the profile, targets a size strictly between
+    theirs within its budget and the planned GPUs' memory, and states its KL as the card-point estimate it is."""
+    proposal = plan.mix_proposal
+    if proposal is None:
+        return
+    if profile.mix is None:
+        raise fail(f"mix_proposal: profile {profile.name} proposes no mixes")
+    quants = {q.branch: q for q in profile.quants}
+    lower, upper = quants[plan.quant], quants.get(proposal.upper)
+    if proposal.lower != plan.quant:
+        raise fail(f"mix_proposal.lower {proposal.lower!r} is not the planned quant {plan.quant!r}")
+    if upper is None or upper.size_gib <= lower.size_gib:
+        raise fail(
+            f"mix_proposal.upper {proposal.upper!r} is not a branch of {profile.name} larger than {lower.branch}"
+        )
+    if not lower.size_gib < proposal.target_gib < upper.size_gib:
+        raise fail(
+            f"mix_proposal.target_gib {proposal.target_gib} is not between {lower.branch}'s {lower.size_gib:g} and "
+            f"{upper.branch}'s {upper.size_gib:g} GiB"
+        )
+    usable_gib = sum(a.usable_mib for a in plan.per_gpu) / 1024
+    if not proposal.target_gib <= proposal.budget_gib <= usable_gib:
+        raise fail(
+            f"mix_proposal.budget_gib {proposal.budget_gib} is not between the target {proposal.target_gib} and "
+            f"the planned GPUs' {usable_gib:.2f} GiB"
+        )
+    if abs(proposal.free_gib_after - (proposal.budget_gib - proposal.target_gib)) > WEIGHTS_TOLERANCE_GIB:
+        raise fail("mix_proposal.free_gib_after is not the budget less the target")
+    if not profile.mix.min_gap_gib <= proposal.free_gib_before <= proposal.budget_gib:
+        raise fail(
+            f"mix_proposal.free_gib_before {proposal.free_gib_before} is below the profile's gap of "
+            f"{profile.mix.min_gap_gib:g} GiB or above the budget"
+        )
+    expected = interpolated_kl(lower, upper, proposal.target_gib)
+    if abs(proposal.expected_kl - expected) > KL_TOLERANCE:
+        raise fail(
+            f"mix_proposal.expected_kl {proposal.expected_kl} is not the card-point estimate {expected:.4f}"
+        )
+    basis = proposal.kl_basis
+    if not (basis.startswith("estimate:") and lower.branch in basis and upper.branch in basis):
+        raise fail("mix_proposal.kl_basis does not say the KL is an estimate between the two branches")
+    if proposal.head_bits != lower.head_bits:
+        raise fail(f"mix_proposal.head_bits {proposal.head_bits} is not {lower.branch}'s {lower.head_bits}")
+    wanted = [(q.branch, download_gb(profile, q)) for q in (lower, upper)]
+    if [(d.branch, d.gb) for d in proposal.downloads] != wanted:
+        raise fail(f"mix_proposal.downloads is not {wanted}")

@@ -60,6 +60,37 @@ class Stack:
 
 
 @dataclass(frozen=True)
+class Download:
+    """A branch to download, in GB (10^9 bytes) as the hub shows it: VRAM weights plus the embedding."""
+
+    branch: str
+    gb: float
+
+
+@dataclass(frozen=True)
+class MixProposal:
+    """A mix of two published branches that would fill the memory the chosen quant leaves unused at the required
+    context (toolkit/plan/gap.py); advice, not part of what is deployed."""
+
+    lower: str  # the chosen branch: the mix's base (its lm_head too, unless the recipe takes the upper's)
+    upper: str  # the larger branch tensors are taken from
+    target_gib: (
+        float  # the mix's exact VRAM weights at most (the budget rounded down, minus the profile's margin)
+    )
+    budget_gib: float  # the largest weights that fit at the required context, cache mode and split
+    free_gib_before: float  # the budget the chosen branch leaves unused
+    free_gib_after: float  # what the mix at its target leaves
+    expected_kl: float  # KL(FP16 || mix), an estimate (kl_basis says how it was made)
+    kl_basis: str
+    head_bits: int  # the lower's lm_head bits, which the mix keeps
+    downloads: tuple[Download, ...]  # lower and upper
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything needed to render and run one TabbyAPI deployment."""
 
@@ -81,6 +112,9 @@ class Plan:
     rejected: tuple[Rejection, ...]
     inventory: GpuInventory
     stack: Stack
+    mix_proposal: MixProposal | None = (
+        None  # in the JSON only when there is one (older plans stay byte-identical)
+    )
 
     @property
     def device_ids(self) -> list[str]:
@@ -95,11 +129,15 @@ class Plan:
         """JSON-ready form: the `deploy plan --json` contract."""
         data = asdict(self)
         data["inventory"] = self.inventory.to_dict()
+        if self.mix_proposal is None:
+            del data["mix_proposal"]
         return data
 
     def digest(self) -> str:
-        """A stable hash of the plan (labels the image and the deployment)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable hash of what the plan deploys (labels the image and the deployment): the mix proposal, advice
+        that changes nothing the image or the container runs, is left out."""
+        deployed = {key: value for key, value in self.to_dict().items() if key != "mix_proposal"}
+        canonical = json.dumps(deployed, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @classmethod
@@ -131,7 +169,33 @@ class Plan:
             rejected=tuple(Rejection(**r) for r in data["rejected"]),
             inventory=GpuInventory.from_dict(data["inventory"]),
             stack=_stack(data["stack"]),
+            mix_proposal=_mix_proposal(data.get("mix_proposal")),
         )
+
+
+def _mix_proposal(data: Any) -> MixProposal | None:
+    """The plan's mix proposal, each field of its type (plan.check.check_plan checks what they mean)."""
+    if data is None:
+        return None
+    proposal = _typed({"mix_proposal": data}, "mix_proposal", dict)
+    downloads = _typed(proposal, "downloads", (list, tuple))
+    return MixProposal(
+        lower=_typed(proposal, "lower", str),
+        upper=_typed(proposal, "upper", str),
+        target_gib=_number(proposal, "target_gib"),
+        budget_gib=_number(proposal, "budget_gib"),
+        free_gib_before=_number(proposal, "free_gib_before"),
+        free_gib_after=_number(proposal, "free_gib_after"),
+        expected_kl=_number(proposal, "expected_kl"),
+        kl_basis=_typed(proposal, "kl_basis", str),
+        head_bits=_typed(proposal, "head_bits", int),
+        downloads=tuple(
+            Download(
+                branch=_typed(d, "branch", str), gb=_number(_typed({"downloads": d}, "downloads", dict), "gb")
+            )
+            for d in downloads
+        ),
+    )
 
 
 def _stack(data: Any) -> Stack:

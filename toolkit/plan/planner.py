@@ -35,6 +35,9 @@ The rules (pure: no NVML, and no I/O beyond reading profiles/tabbyapi.yaml when 
   chosen at that chunk size. With a context that fits at the default nothing changes.
 - Every other quant is listed as a rejection with the number that decided it: the memory it lacks at the required
   context (at the default chunk_size), or the higher KL it would bring.
+- Gap (gap.py): when the chosen quant leaves a meaningful part of the memory unused at the required context with the
+  chosen cache mode and split, and no larger branch fits, the plan carries a mix proposal: the chosen branch and a
+  larger one, a target size that fits, the estimated KL and the downloads. Not with --quant (the quant was chosen).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from ..errors import BadInput, NoFit
 from ..facts.profiles import ChunkFallback, ModelProfile, Quant
 from ..facts.runtime import CACHE_PAGE_TOKENS
 from ..facts.tabby_pin import CUDA_CHOICES, TabbyPin, load_tabby_pin
+from .gap import propose_mix
 from .memory import (
     FP16,
     GIB,
@@ -366,6 +370,12 @@ def plan_with_details(
         rejected,
         chosen.chunk_size,
     )
+    if fixed_quant is None:
+        gpus = chosen.usable_mib[:1] if plan.split == "single" else chosen.usable_mib
+        proposal = propose_mix(
+            profile, winner.quant, winner.mode, required_tokens, plan.split, gpus, chosen.chunk_size
+        )
+        plan = dataclasses.replace(plan, mix_proposal=proposal)
     details = PlanDetails(
         candidates=(Candidate(winner.quant, winner.mode, context, placement),)
         + tuple(Candidate(q, compare_mode, required, p) for q, p in fitting),

@@ -33,7 +33,8 @@ def planned(inventory: GpuInventory, request: PlanRequest) -> Plan:
 
 REFERENCES = {
     # 8 x RTX 4090 (as NVML reports them, CUDA 12.8 driver), `deploy plan --split layer`: the consumer multi-GPU
-    # case, planned by the planner itself (it picks 3.15bpw-tuned, cache 8,8, 131072 tokens).
+    # case, planned by the planner itself (it picks 3.15bpw-tuned, cache 8,8, 131072 tokens, and proposes a mix with
+    # 4bpw_H6 for the 17.8 GiB it leaves unused at 32768 tokens).
     "8x24GiB-layer": planned(host(8, "rtx4090", driver_cuda="12.8"), PlanRequest(split="layer")),
     # 2 x H200, tensor parallel, CUDA 13.2 driver: the datacenter case, full context (a hand-built plan; its
     # quant, context, cache mode and split are what `deploy plan --quant 5bpw_H8 --context max` gives).
