@@ -20,7 +20,7 @@ from .exl3_folders import make_quant
         ("model.norm", "norms", None),
         ("model.layers.0.input_layernorm", "norms", 0),
         ("model.layers.7.self_attn.q_proj", "attention", 7),
-        ("model.layers.7.self_attn.k_norm", "attention", 7),
+        ("model.layers.7.self_attn.k_norm", "norms", 7),
         ("model.layers.2.mlp.down_proj", "dense_mlp", 2),
         ("model.layers.3.mlp.gate", "router", 3),
         ("model.layers.3.mlp.shared_experts.gate_proj", "shared_experts", 3),
