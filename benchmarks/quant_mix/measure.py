@@ -96,6 +96,7 @@ class Scorer:
         return {
             "kl_mean": float(kl.mean().item()),
             "kl_row_sd": float(per_row.std(ddof=1)),
+            "kl_rows": [round(float(v), 7) for v in per_row],
             "kl_median": float(kl.median().item()),
             "top1": top1,
             "ppl": math.exp(nll),
@@ -105,7 +106,9 @@ class Scorer:
         }
 
 
-def measure_step(models: dict[str, Path], bf16: Path, out: Path, timeout_s: float) -> dict[str, Any]:
+def measure_step(
+    models: dict[str, Path], bf16: Path, out: Path, rows: int, timeout_s: float
+) -> dict[str, Any]:
     """exllamav3's own measurement of the lowest and highest conversion against BF16."""
     command = [
         sys.executable,
@@ -121,7 +124,7 @@ def measure_step(models: dict[str, Path], bf16: Path, out: Path, timeout_s: floa
         "-o",
         str(out),
         "-cr",
-        "10",
+        str(rows),
         "-cc",
         "1024",
     ]
@@ -142,6 +145,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--tabby", type=Path)
     parser.add_argument("--budget-s", type=float, default=400)
+    parser.add_argument("--measure-rows", type=int, default=10, help="calibration rows of the measure step")
     args = parser.parse_args()
     clock = spotcheck.Clock(args.budget_s)
     bf16 = args.models / "bf16"

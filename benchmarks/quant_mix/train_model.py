@@ -253,11 +253,12 @@ def main() -> None:
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--eval-rows", type=int, default=40)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cal-dir", help="the text folder (default: exllamav3's standard_cal_data)")
     args = parser.parse_args()
     device = args.device
     os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     tok, texts = tokenizer_and_text(args.out, args.cal_dir or calibration_folder())
     vocab = tok.get_vocab_size()
     train, held = [], []
