@@ -169,7 +169,7 @@ def main() -> int:
     save()
     measurement = args.work / "measurement.json"
     results["measure_step"] = measure_step(
-        conversions, bf16, measurement, timeout_s=min(240.0, clock.left() - 120)
+        conversions, bf16, measurement, args.measure_rows, timeout_s=min(120.0, clock.left() - 60)
     )
     spotcheck.log(f"measure step: {results['measure_step']}")
     save()
@@ -185,7 +185,7 @@ def main() -> int:
     for bits in targets:
         gib = f"{results['conversions'][bits]['vram_bytes'] / GIB:.9f}"
         for method, flags in methods:
-            if clock.left() < 60:
+            if clock.left() < 20:
                 break
             name = f"{method}@{bits}"
             folder = args.work / "mixes" / name.replace("@", "-")

@@ -116,4 +116,29 @@ def run_mix(args: argparse.Namespace) -> int:
         f"head {manifest['head_bits']} "
         f"bits) by {how}; modules: {counts}; manifest {outcome.path / mix.MIX_MANIFEST}"
     )
+    note = shortfall_note(manifest)
+    if note:
+        print(f"note: {note}")
     return EXIT_OK
+
+
+# A mix this far below its target left memory unused that the user sized it for: say so, and why.
+SHORTFALL_SHARE = 0.02
+
+
+def shortfall_note(manifest: dict[str, Any]) -> str | None:
+    """Why the mix came out well below its target, when it did (the optimizer's stall is the known case)."""
+    from ..quant.recipe import gib
+
+    short = manifest["target_bytes"] - manifest["actual_bytes"]
+    if short <= SHORTFALL_SHARE * manifest["target_bytes"]:
+        return None
+    text = f"the mix is {gib(short)} GiB below the target"
+    measured = manifest.get("measurement")
+    if measured and measured.get("modules_without_measured_gain"):
+        return (
+            f"{text}: exllamav3's optimizer only spends bits where its measurement shows a KL gain, and "
+            f"{measured['modules_without_measured_gain']} modules measured none (benchmarks/quant_mix: routed "
+            "experts) -- use --recipe card to fill the target"
+        )
+    return f"{text}: no further step of the recipe fits -- a source closer in size fills it more finely"

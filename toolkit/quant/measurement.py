@@ -29,6 +29,9 @@ class Measurement:
     data: bytes
     groups: int
     layers: frozenset[str]  # every module the measurement covers
+    # Modules of groups whose every candidate measured no KL change: exllamav3's greedy only takes a group that
+    # lowers KL, so it never spends bits there (1.6.5's measure step reports 0.0 for routed-expert groups).
+    flat_layers: frozenset[str]
 
     @property
     def sha256(self) -> str:
@@ -46,6 +49,7 @@ def read_measurement(path: Path, sources: list[Source]) -> Measurement:
     base = sources[0][1]
     alternatives = len(sources) - 1
     claimed: set[str] = set()
+    flat: set[str] = set()
     for index, group in enumerate(groups):
         layers = group.get("layers") if isinstance(group, dict) else None
         candidates = group.get("candidates") if isinstance(group, dict) else None
@@ -77,7 +81,9 @@ def read_measurement(path: Path, sources: list[Source]) -> Measurement:
                     f"{dbits} bits there, {expected} bits with these sources",
                     _HINT,
                 )
-    return Measurement(path, data, len(groups), frozenset(claimed))
+        if all(candidate["dkld"] == 0 for candidate in candidates):
+            flat.update(layers)
+    return Measurement(path, data, len(groups), frozenset(claimed), frozenset(flat))
 
 
 def measured_range(sources: list[Source], measurement: Measurement) -> tuple[int, int]:

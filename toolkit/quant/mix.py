@@ -608,7 +608,12 @@ def _manifest(
         else {"name": recipe.name, "sha256": recipe.sha256, "source": recipe.source},
         "measurement": None
         if prepared.measurement is None
-        else {"path": str(prepared.measurement.path), "sha256": prepared.measurement.sha256},
+        else {
+            "path": str(prepared.measurement.path),
+            "sha256": prepared.measurement.sha256,
+            "groups": prepared.measurement.groups,
+            "modules_without_measured_gain": len(prepared.measurement.flat_layers),
+        },
         "sources": [s.to_dict() for s in prepared.sources],
         "base": prepared.sources[0].id,
         "target_bytes": prepared.target_bytes,

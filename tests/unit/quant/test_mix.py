@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.cli.quant_mix import shortfall_note
 from toolkit.errors import BadInput, EnvironmentMissing, VerificationFailed
 from toolkit.facts.layout import MODEL_MARKER
 from toolkit.output import Progress
@@ -219,7 +220,9 @@ def test_the_disk_estimate_covers_what_the_mix_writes(quant, double, tmp_path):
     assert written <= prepared.disk_bytes
 
 
-def _measurement(lower: Path, upper: Path, path: Path, *, off_by: int = 0) -> Path:
+def _measurement(
+    lower: Path, upper: Path, path: Path, *, off_by: int = 0, flat: frozenset[str] = frozenset()
+) -> Path:
     """A measurement like exllamav3's measure step writes: per layer, attention and the MLP as groups, each with
     its KL change and exact bit change from the higher quant."""
     base, alt = read_storage(lower), read_storage(upper)
@@ -237,7 +240,7 @@ def _measurement(lower: Path, upper: Path, path: Path, *, off_by: int = 0) -> Pa
                 "layers": keys,
                 "candidates": [
                     {
-                        "dkld": -0.01 * (i + 1) * (3 if kind == "attn" else 1),
+                        "dkld": 0.0 if kind in flat else -0.01 * (i + 1) * (3 if kind == "attn" else 1),
                         "dbits": 8 * sum(alt.modules[k].n_bytes - base.modules[k].n_bytes for k in keys)
                         + off_by,
                     }
@@ -279,3 +282,25 @@ def test_python_must_be_an_executable(tmp_path):
     with pytest.raises(BadInput, match="is not an executable file"):
         mix.PythonRunner(str(tmp_path / "python"))
     assert os.access(mix.PythonRunner("/bin/sh").python, os.X_OK)
+
+
+def test_an_optimizer_that_finds_no_gain_in_the_routed_experts_stops_short_and_says_so(
+    quant, double, tmp_path
+):
+    """exllamav3 1.6.5's measure step wrote dkld 0.0 for every routed-expert group (benchmarks/quant_mix/run-1/
+    measurement.json): its greedy never takes them, so the mix stays far below the target."""
+    lower, upper = quant("2bpw", 2), quant("4bpw", 4)
+    routed = frozenset({"routed_gate_up", "routed_down"})
+    measured = _measurement(lower, upper, tmp_path / "m.json", flat=routed)
+    target = read_storage(upper).vram_bytes  # everything from the higher source fits
+    request = _request(lower, upper, tmp_path / "models" / "mix", target, measurement=str(measured))
+    manifest = mix.build(mix.prepare(request), double, Progress(True)).manifest
+    assert manifest["measurement"]["modules_without_measured_gain"] > 0
+    taken = {k for k, v in manifest["modules"].items() if v == "4bpw"}
+    assert taken and not any(read_storage(lower).modules[k].group in routed for k in taken)
+    note = shortfall_note(manifest)
+    assert note and "below the target" in note and "--recipe card" in note
+    recipe = mix.build(
+        mix.prepare(_request(lower, upper, tmp_path / "models" / "r", target)), double, Progress(True)
+    )
+    assert shortfall_note(recipe.manifest) is None  # the recipe fills the target
