@@ -276,6 +276,7 @@ def main() -> None:
     model = Model(vocab).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     log = {
+        "seed": args.seed,
         "train_tokens": len(train),
         "held_out_tokens": len(held),
         "eval_rows": eval_ids.shape,
