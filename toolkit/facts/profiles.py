@@ -45,6 +45,8 @@ class Architecture:
     linear_params: int
     head_params: int
     embedding_bytes: int
+    attention_bias: bool = False  # q/k/v store a bias (GLM-4.x MoE: true)
+    use_qk_norm: bool = False  # per-head q/k RMS norms (GLM-4.x MoE: true; GLM-4.5-Air: none)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Quant:
     kl_ref_quant: float
     ppl: float
     top_k_agreement: tuple[float, ...]
+    # "trellis": bpw is the bits of every linear's trellis (the uniform branches, named after it); "storage": bpw is
+    # exllamav3's reported layer bitrate, which already counts each linear's scales, biases and multiplier (the
+    # tuned branches: their names are optimize's "New estimated model bitrate").
+    bpw_basis: str = "trellis"
 
     @property
     def top1(self) -> float:
@@ -231,15 +237,19 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+FLAGS = ("attention_bias", "use_qk_norm")  # optional architecture booleans (default false)
+
+
 def _architecture(reader: _Reader, data: dict[str, Any]) -> Architecture:
     fields = {
         name: reader.positive_int(data, name, "architecture.")
         for name in Architecture.__dataclass_fields__
-        if name != "arch"
+        if name not in ("arch", *FLAGS)
     }
     if fields["num_attention_heads"] % fields["num_key_value_heads"]:
         raise reader.fail("architecture.num_key_value_heads", "must divide num_attention_heads")
-    return Architecture(arch=reader.get(data, "arch", str, "architecture."), **fields)
+    flags = {name: reader.get(data, name, bool, "architecture.") for name in FLAGS if name in data}
+    return Architecture(arch=reader.get(data, "arch", str, "architecture."), **fields, **flags)
 
 
 def _quant(reader: _Reader, data: Any, index: int) -> Quant:
@@ -263,7 +273,19 @@ def _quant(reader: _Reader, data: Any, index: int) -> Quant:
         kl_ref_quant=reader.number(data, "kl_ref_quant", field, 0.0, 100.0),
         ppl=reader.number(data, "ppl", field, 1.0, 1e6),
         top_k_agreement=tuple(float(x) for x in agreement),
+        bpw_basis=_bpw_basis(reader, data, field),
     )
+
+
+BPW_BASES = ("trellis", "storage")
+
+
+def _bpw_basis(reader: _Reader, data: dict[str, Any], field: str) -> str:
+    """What a quant's bpw counts (optional; "trellis" unless the profile says "storage")."""
+    basis = reader.get(data, "bpw_basis", str, field) if "bpw_basis" in data else "trellis"
+    if basis not in BPW_BASES:
+        raise reader.fail(f"{field}bpw_basis", f"must be one of {', '.join(BPW_BASES)}, got {basis!r}")
+    return basis
 
 
 def _check_size(reader: _Reader, arch: Architecture, quant: Quant, index: int) -> None:

@@ -28,10 +28,15 @@ RESOLUTION_BYTES = 16 * MIB  # the budget's bisection step
 
 
 def uniform_quant(profile: ModelProfile, head_bits: int, weights: int) -> Quant:
-    """A stand-in quant of `weights` VRAM bytes: uniform bpw over the linears, the given head."""
+    """A stand-in quant of `weights` VRAM bytes: uniform bpw over the linears, the given head (the stored bytes
+    are linear in bpw, so two points of memory.weights_bytes invert them)."""
     arch = profile.architecture
-    bpw = (8 * weights - head_bits * arch.head_params) / arch.linear_params
-    return Quant("(budget)", bpw, head_bits, weights / GIB, 0.0, 0.0, 1.0, (0.0,))
+
+    def at(bpw: float) -> Quant:
+        return Quant("(budget)", bpw, head_bits, weights / GIB, 0.0, 0.0, 1.0, (0.0,))
+
+    fixed = weights_bytes(arch, at(0.0))
+    return at((weights - fixed) / (weights_bytes(arch, at(1.0)) - fixed))
 
 
 def fits(

@@ -2,7 +2,8 @@
 
 Facts and formulas: ../shared/facts/glm-4.7.md and exllamav3.md.
 
-- Weights in VRAM = every quantized Linear + the lm_head: (bpw * linear_params + head_bits * head_params) / 8 bytes.
+- Weights in VRAM = every quantized linear's trellis (bpw / 8 bytes per weight) and what exllamav3 stores beside it
+  (scales, biases, multipliers, the FP16 router, norms) + the lm_head: layer_weights / head_bytes, exact.
   The embedding stays in system RAM. A bpw is assumed uniform over the linears of a quant (the tuned quants put
   attention and shared experts at higher bits; their total is right, only the TP split of it shifts slightly).
 - KV cache of `cache_tokens` (a multiple of 256, the page size): FP16 = layers * kv_heads * head_dim * 4 bytes per
@@ -116,8 +117,24 @@ def cache_bytes_per_token(arch: Architecture, mode: CacheMode) -> float:
 
 
 def weights_bytes(arch: Architecture, quant: Quant) -> int:
-    """VRAM weights of a quant: every quantized Linear plus the lm_head (the embedding stays in RAM)."""
-    return round((quant.bpw * arch.linear_params + quant.head_bits * arch.head_params) / 8)
+    """VRAM weights of a quant: every layer's stored tensors plus the lm_head (the embedding stays in RAM)."""
+    blocks = layer_weights(arch, quant)
+    return sum(b.attention_bytes + b.mlp_bytes + b.shared_bytes for b in blocks) + head_bytes(arch, quant)
+
+
+# What exllamav3 stores beside each linear's trellis (bits / 8 per weight), as its quantization_config.json lists it
+# (exact on the real files of a tiny GLM-4 MoE: tests/unit/quant/test_storage_fixtures.py; for GLM-4.7 the
+# bpw formula alone counts ~0.66 GiB less than the files hold: tests/unit/quant/test_card_sizes.py).
+FP16_BYTES = 2
+FP32_BYTES = 4
+MULTIPLIER_BYTES = 4  # the codebook multiplier, one int32 per linear
+PAD = 128  # exllamav3 pads linear dimensions to multiples of 128
+
+
+def linear_extra_bytes(n_in: int, n_out: int, bias: bool = False) -> int:
+    """An EXL3 linear's bytes besides its trellis: suh fp16 [in], svh fp16 [out], the multiplier, a bias."""
+    cols, rows = -(-n_in // PAD) * PAD, -(-n_out // PAD) * PAD
+    return FP16_BYTES * (cols + rows + (rows if bias else 0)) + MULTIPLIER_BYTES
 
 
 @dataclass(frozen=True)
@@ -133,37 +150,62 @@ class LayerWeights:
 
 @lru_cache(maxsize=64)
 def layer_weights(arch: Architecture, quant: Quant) -> tuple[LayerWeights, ...]:
-    """Per-block weight bytes from the architecture, scaled so they sum to the profile's linear_params."""
-    hidden, head_dim = arch.hidden_size, arch.head_dim
-    attention = hidden * head_dim * (2 * arch.num_attention_heads + 2 * arch.num_key_value_heads)
+    """Per-block stored bytes: the trellis at bpw / 8 per weight of every quantized linear, plus what exllamav3
+    stores beside it (linear_extra_bytes, the unquantized FP16 router and its FP32 score bias, BF16 norms)."""
+    hidden, head_dim, bits = arch.hidden_size, arch.head_dim, quant.bpw / 8
+    counted = quant.bpw_basis == "trellis"  # else the bpw already holds the linears' extra bytes
+
+    def linear_extra(n_in: int, n_out: int, bias: bool = False) -> int:
+        return linear_extra_bytes(n_in, n_out, bias) if counted else 0
+
+    q_out, kv_out = arch.num_attention_heads * head_dim, arch.num_key_value_heads * head_dim
+    attention = hidden * (2 * q_out + 2 * kv_out)
+    attention_extra = (
+        linear_extra(hidden, q_out, arch.attention_bias)
+        + 2 * linear_extra(hidden, kv_out, arch.attention_bias)
+        + linear_extra(q_out, hidden)
+        + (2 * FP16_BYTES * head_dim if arch.use_qk_norm else 0)
+        + 2 * FP16_BYTES * hidden  # input and post-attention norms
+    )
+
+    def mlp_extra(inter: int) -> int:
+        return 2 * linear_extra(hidden, inter) + linear_extra(inter, hidden)
+
     dense = 3 * hidden * arch.intermediate_size
     expert = 3 * hidden * arch.moe_intermediate_size
-    routed = arch.n_routed_experts * expert + hidden * arch.n_routed_experts  # experts + router gate
-    shared = arch.n_shared_experts * expert
-    dense_layers = min(arch.first_k_dense_replace, arch.num_hidden_layers)
-    moe_layers = arch.num_hidden_layers - dense_layers
-    counted = arch.num_hidden_layers * attention + dense_layers * dense + moe_layers * (routed + shared)
-    scale = (
-        arch.linear_params / counted * quant.bpw / 8
-    )  # 1.0 * bpw / 8 for GLM-4.7: the decomposition is exact
+    router = arch.n_routed_experts * (hidden * FP16_BYTES + FP32_BYTES)
+    shared_inter = arch.moe_intermediate_size * arch.n_shared_experts
+    moe_channels = max(1, arch.moe_intermediate_size // CHANNEL_WIDTH)
 
-    def block(mlp: int, mlp_channels: int, shared_params: int) -> LayerWeights:
+    def block(mlp: int, mlp_channels: int, shared: int) -> LayerWeights:
         return LayerWeights(
-            round(attention * scale),
-            round(mlp * scale),
-            mlp_channels,
-            round(shared_params * scale),
-            max(1, arch.moe_intermediate_size // CHANNEL_WIDTH),
+            round(attention * bits) + attention_extra, mlp, mlp_channels, shared, moe_channels
         )
 
-    dense_block = block(dense, max(1, arch.intermediate_size // CHANNEL_WIDTH), 0)
-    moe_block = block(routed, arch.n_routed_experts, shared)
-    return (dense_block,) * dense_layers + (moe_block,) * moe_layers
+    dense_block = block(
+        round(dense * bits) + mlp_extra(arch.intermediate_size),
+        max(1, arch.intermediate_size // CHANNEL_WIDTH),
+        0,
+    )
+    moe_block = block(
+        round(arch.n_routed_experts * expert * bits)
+        + arch.n_routed_experts * mlp_extra(arch.moe_intermediate_size)
+        + router,
+        arch.n_routed_experts,
+        round(arch.n_shared_experts * expert * bits) + mlp_extra(shared_inter),
+    )
+    dense_layers = min(arch.first_k_dense_replace, arch.num_hidden_layers)
+    return (dense_block,) * dense_layers + (moe_block,) * (arch.num_hidden_layers - dense_layers)
 
 
 def head_bytes(arch: Architecture, quant: Quant) -> int:
-    """The lm_head at head_bits (6 for "H6", 8 for "H8")."""
-    return round(quant.head_bits * arch.head_params / 8)
+    """The lm_head at head_bits (6 for "H6", 8 for "H8") with what it stores beside its trellis, and the final
+    norm."""
+    return (
+        round(quant.head_bits * arch.head_params / 8)
+        + linear_extra_bytes(arch.hidden_size, arch.vocab_size)
+        + FP16_BYTES * arch.hidden_size
+    )
 
 
 def overhead_mib(

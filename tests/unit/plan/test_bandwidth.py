@@ -61,7 +61,7 @@ def test_tensor_parallel_reads_in_parallel_and_a_layer_split_in_sequence():
     assert (tp.split, layer.split, single.split) == ("tp", "layer", "single")
     assert tp.weights_bytes_per_token == layer.weights_bytes_per_token == single.weights_bytes_per_token
     assert layer.tokens_per_s == pytest.approx(1008e9 / total, rel=1e-6)  # 8 x 1008 GB/s one after another
-    assert 7 < tp.tokens_per_s / layer.tokens_per_s <= 8  # at once, but the slowest share decides
+    assert 7 < tp.tokens_per_s / layer.tokens_per_s <= 8 * (1 + 1e-12)  # at once; the slowest share decides
     assert single.tokens_per_s == pytest.approx(1792e9 / total, rel=1e-6)
 
 

@@ -262,11 +262,11 @@ def test_the_suggested_context_is_a_useful_one_when_any_quant_reaches_it() -> No
 
 def test_nothing_fits_with_an_explicit_cache_names_the_cache_that_would() -> None:
     with pytest.raises(NoFit) as caught:
-        plan_for("4x24GiB", cache="FP16", context=65_536)
+        plan_for("4x25GiB", cache="FP16", context=65_536)
     hint = caught.value.hint
     assert "--cache" in hint
     cache = hint.rsplit("--cache ", 1)[1]
-    assert plan_for("4x24GiB", cache=cache, context=65_536).cache_mode == cache
+    assert plan_for("4x25GiB", cache=cache, context=65_536).cache_mode == cache
 
 
 def test_a_fixed_quant_that_cannot_fit_points_to_one_that_does() -> None:

@@ -46,10 +46,13 @@ def test_exact_vram_bytes_round_to_the_cards_size(quant: Quant) -> None:
     assert check is not None and check.agrees, check
     assert abs(storage.vram_bytes / GIB - quant.size_gib) <= CARD_ROUNDING_GIB
     assert storage.embedding_bytes == PROFILE.architecture.embedding_bytes  # 1.45 GiB in system RAM
-    # The memory model's bpw formula leaves out the suh/svh vectors, biases and the FP16 router: it counts
-    # 0.6-0.7 GiB less than the files hold, within the 1 GiB the profile loader allows the card.
-    formula = weights_bytes(PROFILE.architecture, quant)
-    assert 0 < storage.vram_bytes - formula < GIB
+    # The planner's memory model counts exactly what the files hold (trellis, suh/svh, biases, multipliers, the
+    # FP16 router, norms): a bpw-only formula would be 0.66-0.71 GiB short.
+    assert weights_bytes(PROFILE.architecture, quant) == storage.vram_bytes
+    bpw_only = (
+        quant.bpw * PROFILE.architecture.linear_params + quant.head_bits * PROFILE.architecture.head_params
+    ) / 8
+    assert 0.6 * GIB < storage.vram_bytes - bpw_only < 0.75 * GIB
 
 
 def test_a_branch_compared_with_another_branchs_card_entry_disagrees() -> None:
