@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +29,17 @@ from docker.errors import APIError, ImageNotFound
 from tests.fake_hf_hub import FakeHub, FakeRepo
 from tests.tabby_test_server.image import ImageStack, build_test_server_image, prepare_context
 from tests.tabby_test_server.testing import free_port
+from tests.unit.quant.exl3_folders import MIX_LOWER, MIX_UPPER, mix_branches
 from toolkit.deploy import compose_spec, engine, state
 from toolkit.deploy.deployment import load_deployment
 from toolkit.deploy.diagnose import DiagnosedFailure
 from toolkit.deploy.retry import replan, smaller_context
 from toolkit.detect.gpu_spec import parse_gpu_spec
-from toolkit.facts.layout import STATE
+from toolkit.facts.layout import MODEL_MARKER, STATE
 from toolkit.facts.profiles import load_profile
-from toolkit.plan.plan import PlanRequest
+from toolkit.plan.plan import Plan, PlanRequest
 from toolkit.plan.planner import make_plan
+from toolkit.quant.mix import MIX_MANIFEST
 from toolkit.render.bundle import RenderOptions, render_bundle
 
 pytestmark = pytest.mark.docker
@@ -124,14 +126,18 @@ def _tag_as_rendered(docker_client, image_id: str, site: Site) -> None:
     site.tags.append(name)
 
 
-@pytest.fixture()
-def site(docker_client, tabby_image, fake_hub, tmp_path) -> Iterator[Site]:
-    """A deployment rendered for 3bpw_H6 at 64-117k context, CPU-only, on a free port; cleaned up afterwards."""
-    env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "", "PYTHONPATH": str(ROOT)}
+@contextlib.contextmanager
+def _site(
+    docker_client, tabby_image: str | None, hub: FakeHub, tmp_path: Path, plan_of: Callable[[int], Plan]
+) -> Iterator[Site]:
+    """A deployment of plan_of(its context) rendered CPU-only on a free port, the model from `hub`; with
+    tabby_image, that image tagged as the rendered one. Its container and tags are removed afterwards."""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "", "PYTHONPATH": str(ROOT)}
     env.pop("GLM_DEPLOY_NO_GPU", None)
     site = Site(out=tmp_path / "out", models=tmp_path / "models", port=free_port(), env=env, tags=[])
-    render_bundle(_plan(site.context), site.out, _options(site))
-    _tag_as_rendered(docker_client, tabby_image, site)
+    render_bundle(plan_of(site.context), site.out, _options(site))
+    if tabby_image is not None:
+        _tag_as_rendered(docker_client, tabby_image, site)
     try:
         yield site
     finally:
@@ -141,6 +147,13 @@ def site(docker_client, tabby_image, fake_hub, tmp_path) -> Iterator[Site]:
         for tag in dict.fromkeys(site.tags):
             with contextlib.suppress(ImageNotFound):  # the same tag may have been added twice
                 docker_client.images.remove(tag)
+
+
+@pytest.fixture()
+def site(docker_client, tabby_image, fake_hub, tmp_path) -> Iterator[Site]:
+    """A deployment rendered for 3bpw_H6 at 64-117k context, CPU-only, on a free port; cleaned up afterwards."""
+    with _site(docker_client, tabby_image, fake_hub, tmp_path, _plan) as made:
+        yield made
 
 
 def _json(result: subprocess.CompletedProcess[str]) -> dict:
@@ -518,3 +531,99 @@ def test_gpu_deployment_on_an_engine_without_nvidia_runtime(docker_client, tabby
         engine.converge(docker_client, compose_spec.RunSpec(**{**spec.__dict__, "ulimits": ()}), site.out)
     assert failure.value.diagnosis.kind == "no-gpu-runtime" and failure.value.exit_code == 4
     assert engine.find_container(docker_client, spec.name) is None  # nothing half-created is left
+
+
+MIX_SPEC = f"mix:{MIX_LOWER}+{MIX_UPPER}@110"  # a mix of GLM-4.7's 2.57bpw-tuned and 3.15bpw-tuned at 110 GiB
+MIX_NAME = f"mix-{MIX_LOWER}-{MIX_UPPER}-110GiB"
+
+
+def _mix_plan(context: int) -> Plan:
+    return make_plan(
+        load_profile("glm-4.7"), parse_gpu_spec("1x144GiB"), PlanRequest(quant=MIX_SPEC, context=context)
+    )
+
+
+@pytest.fixture(scope="session")
+def mix_hub(tmp_path_factory) -> Iterator[FakeHub]:
+    """The fake hub serving two small EXL3 quants of one model (same codebook) as the mix's two branches."""
+    with FakeHub([FakeRepo(REPO, mix_branches(tmp_path_factory.mktemp("mix-branches")))]) as hub:
+        yield hub
+
+
+def _auto_mix_args(site: Site) -> list[str]:
+    args = _auto_args(site)
+    args[args.index("--quant") + 1] = MIX_SPEC
+    return args
+
+
+def _shards_served(hub: FakeHub) -> int:
+    return sum(
+        1 for r in hub.requests if r.method == "GET" and str(r.file).endswith(".safetensors") and r.content
+    )
+
+
+def test_auto_deploys_a_mix_of_two_branches_end_to_end(docker_client, tabby_image, mix_hub, tmp_path) -> None:
+    """plan -> render -> fetch (both branches) -> mix (exllamav3's assembly in the deployment's image: here the
+    test image with the exllamav3 TEST DOUBLE) -> reference -> up -> verify, like a published branch."""
+    with _site(docker_client, tabby_image, mix_hub, tmp_path, _mix_plan) as site:
+        run = site.deploy(*_auto_mix_args(site), "--yes", "--json")
+        first = _json(run)
+        assert first["ok"] and first["stage"] == "done" and first["plan"]["mix"]["name"] == MIX_NAME
+        assert all(c["passed"] for c in first["verify"]) and [c["name"] for c in first["verify"]][-1] == "kl"
+        # both branches fetched, each pinned to its commit with its marker
+        sources = {s["revision"]: s for s in first["model"]["sources"]}
+        assert set(sources) == {MIX_LOWER, MIX_UPPER}
+        for branch, source in sources.items():
+            assert source["commit"] == mix_hub.repos[REPO].commit(branch) and not source["reused"]
+            assert json.loads((site.models / branch / MODEL_MARKER).read_text())["commit"] == source["commit"]
+        # the mix assembled in the deployment's image, into the folder the server mounts
+        mix = first["mix"]
+        image = load_deployment(site.out).manifest["image"]
+        assert mix["path"] == str(site.models / MIX_NAME) and not mix["reused"] and mix["test_double"]
+        assert mix["runner"]["kind"] == "image" and mix["runner"]["image"] == image
+        assert [s["commit"] for s in mix["sources"]] == [
+            sources[MIX_LOWER]["commit"],
+            sources[MIX_UPPER]["commit"],
+        ]
+        assert mix["actual_bytes"] <= mix["target_bytes"] and mix["modules_from"][MIX_UPPER] > 0
+        manifest = json.loads((site.models / MIX_NAME / MIX_MANIFEST).read_text())
+        assert manifest["key"] == mix["key"] and "TEST DOUBLE of exllamav3" in run.stderr
+        assert not docker_client.containers.list(all=True, filters={"label": "io.glm-deploy.role=mix"})
+        assert not list(site.models.glob(".mix-*"))
+        # served under the mix's name, verified against a reference computed from the mix folder
+        container = docker_client.containers.get(first["container"])
+        assert {m["Destination"] for m in container.attrs["Mounts"]} >= {f"/app/models/{MIX_NAME}"}
+        status = _json(site.deploy("status", "--out", str(site.out), "--json"))
+        assert status["model"]["id"] == MIX_NAME and status["reference"]["current"]
+        reference = first["reference"]
+        assert reference["model_id"] == MIX_NAME and reference["model_commit"] == manifest["key"]
+        assert "serving-path bound" in first["kl"]["threshold_source"]
+
+        second = _json(site.deploy(*_auto_mix_args(site), "--yes", "--json"))
+        assert second["action"] == "kept" and second["mix"]["reused"] and second["reference"]["reused"]
+        assert all(s["reused"] for s in second["model"]["sources"]) and second["mix"]["key"] == mix["key"]
+        step = site.deploy("mix-model", "--out", str(site.out))
+        assert step.returncode == 0 and "mix assembled" not in step.stdout and "reused" in step.stderr
+        verified = _json(site.deploy("verify", "--out", str(site.out), "--json"))
+        assert verified["passed"] and verified["model"]["id"] == MIX_NAME
+
+
+def test_auto_refuses_unmixable_branches_before_anything_is_built(docker_client, tmp_path) -> None:
+    """Branches with different codebooks: exit 2 at fetch-model, from their settings files alone, in one line;
+    no shard downloaded, no image built (no --skip-build: a build would have been tried), no container."""
+    branches = mix_branches(tmp_path / "hub", upper_codebook="mul1")
+    with (
+        FakeHub([FakeRepo(REPO, branches)]) as hub,
+        _site(docker_client, None, hub, tmp_path, _mix_plan) as site,
+    ):
+        args = [a for a in _auto_mix_args(site) if a != "--skip-build"]
+        refused = site.deploy(*args, "--yes", "--json")
+        assert refused.returncode == 2, refused.stderr
+        outcome = json.loads(refused.stdout)
+        assert outcome["stage"] == "fetch-model" and outcome["exit_code"] == 2
+        assert f"{MIX_UPPER} cannot be mixed with {MIX_LOWER}: codebook mul1 is not mcg" in outcome["error"]
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert _shards_served(hub) == 0 and not list(site.models.rglob("*.safetensors"))
+        with pytest.raises(ImageNotFound):
+            docker_client.images.get(load_deployment(site.out).manifest["image"])
+        assert engine.find_container(docker_client, state.default_container_name(site.out)) is None

@@ -31,7 +31,9 @@ def register(subparsers: Any) -> None:
         "auto",
         help="from this host to a verified endpoint in one command",
         description="Detect the GPUs, plan (shown; confirmed unless --yes), render into --out, check the host, "
-        "download the model, build the image, compute the deployment reference in it on the planned GPUs "
+        "download the model (a mix, --mix or --quant mix:LOWER+UPPER@GIB: both branches, checked before the "
+        "shards are downloaded), build the image (a mix is then assembled in it, on the CPU), compute the "
+        "deployment reference in it on the planned GPUs "
         "(exllamav3 in-process on the downloaded weights), start the container, wait until it serves the "
         "plan, and verify it, ending with the KL spot-check against that reference. Re-running converges on "
         "the same deployment (and reuses the reference). Exit 2 bad input, 3 nothing fits or out of GPU "

@@ -1,4 +1,4 @@
-"""`deploy fetch-model | build | up | status | logs | down`: one rendered out dir, driven step by step.
+"""`deploy fetch-model | build | mix-model | up | status | logs | down`: one rendered out dir, driven step by step.
 
 Each command parses, calls its step in toolkit.deploy.steps and prints the result.
 """
@@ -36,8 +36,10 @@ def register(subparsers: Any) -> None:
         "fetch-model",
         "download the planned quant (resumable, verified)",
         "Download repo@branch of the plan into the models folder with huggingface_hub: progress on "
-        "stderr, resume, sizes and sha256 checked; a complete download is reused. HF_TOKEN is read from "
-        "the environment, --hf-token-file or huggingface_hub's saved token. Exit 4 on disk/network.",
+        "stderr, resume, sizes and sha256 checked; a complete download is reused. A plan deploying a mix "
+        "downloads both of its branches, after checking from their config.json and quantization_config.json "
+        "that they mix (same model, same codebook, the target within reach: exit 2 otherwise). HF_TOKEN is read "
+        "from the environment, --hf-token-file or huggingface_hub's saved token. Exit 4 on disk/network.",
     )
     fetch.add_argument("--hf-token-file", type=Path, help="file holding a Hugging Face token (never printed)")
     fetch.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -52,6 +54,23 @@ def register(subparsers: Any) -> None:
     build.add_argument("--force", action="store_true", help="build even when a matching image exists")
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(run=run_build)
+
+    mix = common(
+        "mix-model",
+        "assemble the plan's mix from its two downloaded branches (reused when unchanged)",
+        "For a plan deploying a mix (--mix or --quant mix:LOWER+UPPER@GIB): check both downloaded branches "
+        "as `deploy quant mix` does, then run exllamav3's assembly in the deployment's built image (no GPU, no "
+        "network) into the models folder under the mix's name, with mix.json saying where each tensor came "
+        "from; a mix already there with the same sources, recipe and target is reused. Exit 2 bad input (not a "
+        "mix, unmixable branches), 4 environment (branches not fetched, image not built, disk), 5 the result "
+        "differs from the plan.",
+    )
+    mix.add_argument(
+        "--python", metavar="PATH", help="run the assembly with this Python (which imports exllamav3) instead"
+    )
+    mix.add_argument("--force", action="store_true", help="assemble again even when the mix is in place")
+    mix.add_argument("--json", action="store_true", help="print the result as JSON")
+    mix.set_defaults(run=run_mix_model)
 
     up = common(
         "up",
@@ -125,11 +144,36 @@ def run_fetch(args: argparse.Namespace) -> int:
     result = fetch_step(dep, Progress(quiet=args.json), args.hf_token_file)
     if args.json:
         emit_json(result.to_dict())
+    elif dep.plan.mix is not None:
+        print("\n".join(result.lines()))
     else:
         print(
             f"model ready at {result.path} ({result.repo}@{result.revision}, commit {result.commit[:12]}, "
             f"{result.total_bytes / 2**30:.1f} GiB{', reused' if result.reused else ''})"
         )
+    return 0
+
+
+def run_mix_model(args: argparse.Namespace) -> int:
+    from ..deploy import mix_step
+    from ..quant.mix import PythonRunner
+
+    dep = load_deployment(args.out)
+    mix_step.planned_mix(dep)
+    python = PythonRunner(args.python) if args.python is not None else None
+    prepared = mix_step.prepare_mix(dep, args.force)  # bad input before the engine is asked
+    if python is not None:
+        runner: Any = python
+    else:
+        from ..deploy import engine
+        from ..deploy.mix_image import ImageRunner
+
+        runner = ImageRunner(engine.connect(), str(dep.manifest["image"]))
+    outcome = mix_step.mix_step(dep, runner, Progress(quiet=args.json), prepared, args.force)
+    if args.json:
+        emit_json(outcome.to_dict())
+    else:
+        print(mix_step.describe(outcome))
     return 0
 
 
@@ -267,11 +311,12 @@ def run_logs(args: argparse.Namespace) -> int:
 
 def run_down(args: argparse.Namespace) -> int:
     from ..deploy import engine
-    from ..deploy.steps import check_purgeable
+    from ..deploy.steps import check_purgeable, model_folders
 
     dep = load_deployment(args.out)
-    if args.purge and os.path.lexists(dep.model_dir):
-        check_purgeable(dep.model_dir)  # a refused purge is exit 2 before the engine is asked
+    for folder in model_folders(dep) if args.purge else []:
+        if os.path.lexists(folder):
+            check_purgeable(folder)  # a refused purge is exit 2 before the engine is asked
     result = down_step(dep, engine.connect(), args.purge, Progress(quiet=args.json))
     if args.json:
         emit_json(result)

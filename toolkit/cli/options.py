@@ -18,7 +18,7 @@ from ..errors import BadInput
 from ..facts.runtime import DEFAULT_HOST_PORT
 from ..plan.plan import PlanRequest
 
-# Default None; cache, split and cuda default to "auto", allow_uncalibrated to False.
+# Default None; cache, split and cuda default to "auto", mix and allow_uncalibrated to False.
 PLAN_OPTIONS = ("gpus", "context", "quant", "headroom_mib", "tabby_ref", "exllamav3")
 NO_GPU_ENV = "GLM_DEPLOY_NO_GPU"
 DEFAULT_PORT = str(DEFAULT_HOST_PORT)  # argparse default: parsed like a given value
@@ -28,7 +28,7 @@ GROUP_SUBCOMMANDS = "glm_deploy_subcommands"  # where a command group's parser k
 
 
 def add_plan_options(parser: Any) -> None:
-    """--profile, --gpus, --context, --cache, --quant, --split, --headroom-mib and the stack: --cuda,
+    """--profile, --gpus, --context, --cache, --quant, --mix, --split, --headroom-mib and the stack: --cuda,
     --tabby-ref, --exllamav3, --allow-uncalibrated (a parser or an argument group)."""
     parser.add_argument(
         "--profile", default="glm-4.7", help="model profile name or YAML path (default glm-4.7)"
@@ -51,7 +51,17 @@ def add_plan_options(parser: Any) -> None:
         metavar="auto|FP16|K,V",
         help="KV-cache mode: auto (default), FP16, Q4/Q6/Q8, or K,V bits such as 6,5",
     )
-    parser.add_argument("--quant", metavar="BRANCH", help="fix the quant (a branch of the model repo)")
+    parser.add_argument(
+        "--quant",
+        metavar="BRANCH|mix:LOWER+UPPER@GIB",
+        help="fix the quant: a branch of the model repo, or a mix of two branches assembled at fetch time with "
+        "GIB GiB of weights (e.g. mix:2.57bpw-tuned+3.15bpw-tuned@110)",
+    )
+    parser.add_argument(
+        "--mix",
+        action="store_true",
+        help="deploy the mix the planner proposes when the best branch leaves memory unused (see `deploy plan`)",
+    )
     parser.add_argument(
         "--split",
         default="auto",
@@ -135,6 +145,7 @@ def given_plan_options(args: argparse.Namespace) -> list[str]:
     """The plan flags set on this command line (as the user spelled them)."""
     given = [f"--{name.replace('_', '-')}" for name in PLAN_OPTIONS if getattr(args, name) is not None]
     given += [f"--{name}" for name in ("cache", "split", "cuda") if getattr(args, name) != "auto"]
+    given += ["--mix"] if args.mix else []
     return given + (["--allow-uncalibrated"] if args.allow_uncalibrated else [])
 
 
@@ -172,6 +183,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         context_max=context_max,
         cache=args.cache,
         quant=args.quant,
+        mix=args.mix,
         split=args.split.strip().lower(),
         headroom_mib=headroom,
         cuda=args.cuda.strip().lower(),

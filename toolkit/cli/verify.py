@@ -64,13 +64,14 @@ def register(subparsers: Any) -> None:
     add_timeout_option(parser, VERIFY_TIMEOUT_S, "every check together (after --wait)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--junit", help="also write a JUnit XML report here")
-    parser.set_defaults(run=run, split=None)
+    parser.set_defaults(run=run, split=None, expected_kl=None)
 
 
 def _from_deployment(args: argparse.Namespace) -> Any:
     """Fill what the deployment folder knows into args (flags given win); the stored reference, if any."""
     from ..deploy.deployment import load_deployment
     from ..deploy.reference_step import reference_path
+    from ..deploy.steps import expected_kl
     from ..verify.reference import load_reference
 
     dep = load_deployment(args.out)
@@ -79,7 +80,8 @@ def _from_deployment(args: argparse.Namespace) -> Any:
     args.expect_model = args.expect_model or dep.model_folder
     args.expect_cache_mode = args.expect_cache_mode or dep.plan.cache_mode
     args.expect_context = args.expect_context or dep.plan.context
-    args.expect_quant = args.expect_quant or dep.plan.quant
+    args.expect_quant = args.expect_quant or (None if dep.plan.mix else dep.plan.quant)
+    args.expected_kl = None if args.expect_quant else expected_kl(dep.plan)  # a mix's estimate
     args.profile = dep.plan.profile
     args.split = dep.plan.split
     path = reference_path(dep)
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         wait_s=args.wait,
         deadline_s=args.timeout,
         split=args.split,
+        expected_kl=args.expected_kl,
         expect=Expectations(
             model_id=args.expect_model,
             cache_mode=args.expect_cache_mode,

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..detect.inventory import GpuInventory
 from ..facts.profiles import ModelProfile
-from ..plan.plan import ChunkTrade, MixProposal, Plan, PlanRequest
+from ..plan.plan import ChunkTrade, MixProposal, Plan, PlannedMix, PlanRequest
 from ..redact import printable
 
 if TYPE_CHECKING:
@@ -78,7 +78,6 @@ def print_plan(
         f"required context {required} tokens, cache {request.cache}, split {request.split}; "
         f"objective: lowest KL(FP16||quant), then longest context"
     )
-    quants = {q.branch: q for q in profile.quants}
     reasons = {r.quant: r.reason for r in plan.rejected}
     table = Table(show_edge=False, pad_edge=False)
     for header, justify in (
@@ -94,20 +93,25 @@ def print_plan(
     bound_of = {bound.quant: bound for bound in bounds}
     from ..plan.memory import weights_bytes
 
-    for quant in sorted(profile.quants, key=lambda q: q.kl_ref_quant):
-        chosen = quant.branch == plan.quant
+    rows = [
+        (q.kl_ref_quant, q.branch, weights_bytes(profile.architecture, q), q.top1, "") for q in profile.quants
+    ]
+    if plan.mix is not None:  # estimates, marked "~" (the mix line says how they were made)
+        rows.append((plan.expected.kl, plan.quant, int(plan.weights_gib * 2**30), plan.expected.top1, "~"))
+    for kl, name, weights, top1, estimate in sorted(rows):
+        chosen = name == plan.quant
         result = (
             f"chosen: {plan.split}, cache {plan.cache_mode}, context {plan.context} (max {plan.max_context})"
             if chosen
-            else reasons.get(quant.branch, "")
+            else reasons.get(name, "")
         )
         table.add_row(
             Text(">", style="bold green") if chosen else "x",
-            Text(quant.branch, style="bold") if chosen else quant.branch,
-            f"{weights_bytes(profile.architecture, quants[quant.branch]) / 2**30:.1f}",
-            f"{quant.kl_ref_quant:.4f}",
-            f"{quant.top1:.3f}",
-            *((_bound_cell(bound_of.get(quant.branch)),) if bounds else ()),
+            Text(name, style="bold") if chosen else name,
+            f"{weights / 2**30:.1f}",
+            f"{estimate}{kl:.4f}",
+            f"{estimate}{top1:.3f}",
+            *((_bound_cell(bound_of.get(name)),) if bounds else ()),
             result,
         )
     out.print(table)
@@ -144,6 +148,8 @@ def print_plan(
         out.print(_bound_note(bounds, plan), markup=False)
     if plan.mix_proposal is not None:
         out.print(gap_line(plan.mix_proposal, plan, required), markup=False)
+    if plan.mix is not None:
+        out.print(mix_line(plan.mix), markup=False)
     out.print(stack_line(plan), markup=False)
 
 
@@ -156,6 +162,16 @@ def gap_line(proposal: MixProposal, plan: Plan, required: int | str) -> str:
         f"~{proposal.expected_kl:.2f} (estimate, interpolated between the card's points; {proposal.lower} alone "
         f"{plan.expected.kl:.2f}) -- deploy quant mix --lower models/{proposal.lower} --upper "
         f"models/{proposal.upper} --target-gib {proposal.target_gib:g} (downloads {sizes})"
+    )
+
+
+def mix_line(mix: PlannedMix) -> str:
+    """What the planned mix is made of, how its KL was estimated and what fetching it downloads, in one line."""
+    sizes = " + ".join(f"{d.gb:g} GB ({d.branch})" for d in mix.downloads)
+    return (
+        f"mix: {mix.name} = {mix.lower} + {mix.upper} by recipe {mix.recipe} ({mix.recipe_sha256[:12]}), at most "
+        f"{mix.target_gib:g} GiB of weights; KL ~{mix.expected_kl:.4f} ({mix.kl_basis}); fetch-model downloads "
+        f"{sizes}, mix-model assembles it (the same mix: --quant {mix.spec})"
     )
 
 

@@ -1,5 +1,7 @@
 """`deploy auto`'s pipeline: check -> detect -> plan (confirmed) -> preflight -> render -> fetch-model -> build ->
-reference -> up -> verify (with the KL spot-check against the reference).
+reference -> up -> verify (with the KL spot-check against the reference). A plan that deploys a mix fetches both of
+its branches (checked before the shards are downloaded), has every check of the assembly made before the build,
+and assembles the mix in the built image after it: fetch-model -> build -> mix -> reference -> up -> verify.
 
 Every step is the same function the single-step commands run (steps.py, reference_step.py); re-running converges
 (an unchanged deployment reuses its reference). The caller (the CLI) shows the plan and asks for confirmation
@@ -27,6 +29,7 @@ from ..output import Progress
 from ..plan.plan import Plan, PlanRequest
 from ..verify.report import report_dict
 from .deployment import Deployment, curl_command, ensure_key_header, load_deployment
+from .mix_step import mix_step, prepare_mix
 from .reference_step import describe, reference_step
 from .steps import build_step, fetch_step, publishes, up_step, verify_step
 
@@ -88,6 +91,7 @@ def run_auto(
         "split": plan.split,
         "gpus": [a.index for a in plan.per_gpu],
         "digest": plan.digest(),
+        **({"mix": plan.mix.to_dict()} if plan.mix else {}),
     }
     if not confirm(plan, profile, inventory, request.plan_request):
         progress.note("not deployed (answer was not yes)")
@@ -111,6 +115,10 @@ def run_auto(
     outcome["stage"] = "fetch-model"
     fetched = fetch_step(dep, progress, request.hf_token_file)
     outcome["model"] = fetched.to_dict()
+    prepared = None
+    if plan.mix is not None:
+        outcome["stage"] = "mix"
+        prepared = prepare_mix(dep)  # every check of the assembly, before the build
 
     outcome["stage"] = "build"
     if request.skip_build:
@@ -118,6 +126,13 @@ def run_auto(
     else:
         built = build_step(dep, client, progress)
         outcome["image"] = {"tag": built.tag, "id": built.id, "reused": built.reused}
+
+    if plan.mix is not None:
+        outcome["stage"] = "mix"
+        from .mix_image import ImageRunner
+
+        runner = ImageRunner(client, str(dep.manifest["image"]))
+        outcome["mix"] = mix_step(dep, runner, progress, prepared).to_dict()
 
     reference = None
     if request.no_kl:

@@ -3,7 +3,8 @@
 Everything read from the folder is checked before any step uses it, because every later file operation is
 driven by it (`down --purge` deletes what render.json names): the plan for meaning (plan.check), the manifest's
 names and paths (the model folder is the plan's quant, one path segment under an absolute models folder; the key
-file is api_tokens.yml in the out folder itself), and the state file's container name and out folder.
+file is api_tokens.yml in the out folder itself; a mix is the plan's), and the state file's container name and out
+folder.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def _check_manifest(out_dir: Path, manifest: Any, plan: Plan, hint: str) -> None
             raise fail(f"{key} must be {kind.__name__}, got {value!r:.60}")
     if manifest["model_folder"] != plan.quant:
         raise fail(f"model_folder {manifest['model_folder']!r:.60} is not the plan's quant {plan.quant!r}")
+    planned_mix = None if plan.mix is None else json.loads(json.dumps(plan.mix.to_dict()))
+    if manifest.get("mix") != planned_mix:
+        raise fail("mix is not the plan's mix")
     if manifest.get("api_tokens", layout.API_TOKENS) != layout.API_TOKENS:
         raise fail(f"api_tokens {manifest.get('api_tokens')!r:.60} is not {layout.API_TOKENS}")
     try:

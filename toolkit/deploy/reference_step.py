@@ -4,8 +4,9 @@ After fetch-model and build, the GPUs are free and the image holds torch and exl
 that image runs toolkit.verify.reference_entry (this package, mounted read-only) on the planned GPUs with the model
 folder mounted read-only and no network, and writes the reference into a staging folder of the out dir; the host
 checks the file and renames it to <out>/deployment-reference.json.gz. A key over everything the result depends on
--- model repo, branch and commit, image id, prompt set, top-K, the computation's own code -- is recorded in the
-file, so an unchanged deployment reuses it. `deploy verify` and `deploy status` compare the live server with it.
+-- model repo, branch and commit (a mix: its name and mix.json's key), image id, prompt set, top-K, the
+computation's own code -- is recorded in the file, so an unchanged deployment reuses it. `deploy verify` and
+`deploy status` compare the live server with it.
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def reference_status(dep: Deployment, client: Any) -> dict[str, Any] | None:
     """The stored reference in brief, and whether it is current for the downloaded model and the built image."""
     from docker.errors import ImageNotFound
 
-    from . import hub
+    from .mix_step import model_marker
 
     reference = stored_reference(dep)
     if reference is None:
         return None
-    marker = hub.read_marker(dep.model_dir, dep.plan.hf_repo, dep.plan.quant)
+    marker = model_marker(dep)
     try:
         image = client.images.get(str(dep.manifest["image"])).id
     except ImageNotFound:
@@ -176,16 +177,11 @@ def reference_step(
     dep: Deployment, client: Any, progress: Progress, *, gpu: bool, force: bool = False
 ) -> ReferenceOutcome:
     """Reuse the stored reference when its key matches, else compute it in the image on the planned GPUs."""
-    from . import compose_spec, engine, hub, state
+    from . import compose_spec, engine, state
     from .readiness import ready_timeout_s
-    from .steps import container_name
+    from .steps import check_model_in_place, container_name
 
-    marker = hub.read_marker(dep.model_dir, dep.plan.hf_repo, dep.plan.quant)
-    if marker is None:
-        raise EnvironmentMissing(
-            f"the model is not downloaded completely into {dep.model_dir}",
-            f"run `deploy fetch-model --out {dep.out_dir}`",
-        )
+    marker = check_model_in_place(dep)
     image = engine.image_id(client, str(dep.manifest["image"]))
     key = reference_key(marker, image, prompts_sha256(load_prompts()))
     path = reference_path(dep)

@@ -25,7 +25,7 @@ def replan(dep: Deployment, context: int) -> Deployment:
     plan = dep.plan
     request = PlanRequest(
         context=context,
-        quant=plan.quant,
+        quant=plan.mix.spec if plan.mix else plan.quant,  # the same mix: the same folder and weights
         cache=plan.cache_mode,
         split=plan.split if plan.split != "single" else "auto",
         cuda=plan.stack.cuda,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import inputs
 from ..errors import BadInput, EnvironmentMissing, ToolkitError
 from ..facts.layout import MODEL_MARKER
 from ..output import Progress
@@ -24,10 +23,15 @@ from .retry import replan, smaller_context
 
 
 def fetch_step(dep: Deployment, progress: Progress, token_file: Path | None = None) -> Any:
-    """Download (or reuse) the planned quant into the models folder the compose file mounts."""
+    """Download (or reuse) the planned quant into the models folder the compose file mounts; for a mix, both of
+    its branches, checked first (mix_step.fetch_sources)."""
     from . import hub
 
     token = hub.resolve_token(token_file)
+    if dep.plan.mix is not None:
+        from .mix_step import fetch_sources
+
+        return fetch_sources(dep, progress, token)
     return hub.fetch_model(
         dep.plan.hf_repo,
         dep.plan.quant,
@@ -119,15 +123,11 @@ def _up_once(
 ) -> UpResult:
     from ..verify.client import read_api_key
     from ..verify.readiness import Expectations
-    from . import compose_spec, engine, hub, readiness, state
+    from . import compose_spec, engine, readiness, state
     from .preflight import PreflightRequest, run_preflight
 
     gpu = gpu and bool(dep.manifest.get("gpu_reservation", True))
-    if hub.read_marker(dep.model_dir, dep.plan.hf_repo, dep.plan.quant) is None:
-        raise EnvironmentMissing(
-            f"the model is not downloaded completely into {dep.model_dir}",
-            f"run `deploy fetch-model --out {dep.out_dir}`",
-        )
+    check_model_in_place(dep)
     spec = compose_spec.spec_from_compose(
         dep.compose, name=state.default_container_name(dep.out_dir), gpu=gpu
     )
@@ -188,6 +188,24 @@ def _up_once(
     return UpResult(record, action, ready.seconds, ready.model)
 
 
+def check_model_in_place(dep: Deployment) -> dict[str, Any]:
+    """The model folder's marker (mix_step.model_marker), or exit 4 saying which step makes it."""
+    from .mix_step import model_marker
+
+    marker = model_marker(dep)
+    if marker is not None:
+        return marker
+    if dep.plan.mix is not None:
+        raise EnvironmentMissing(
+            f"the mix {dep.plan.mix.name} is not assembled in {dep.model_dir}",
+            f"run `deploy fetch-model --out {dep.out_dir}` and `deploy mix-model --out {dep.out_dir}`",
+        )
+    raise EnvironmentMissing(
+        f"the model is not downloaded completely into {dep.model_dir}",
+        f"run `deploy fetch-model --out {dep.out_dir}`",
+    )
+
+
 def publishes(container: Any, port: int) -> bool:
     """Whether our running container already holds that host port (then the port check must not count it)."""
     if container is None or container.status != "running":
@@ -197,11 +215,12 @@ def publishes(container: Any, port: int) -> bool:
 
 
 def _model_bytes(dep: Deployment) -> int:
-    """Bytes of the model on disk: the completed download's, else the plan's weights plus the RAM-side embedding."""
-    marker_path = dep.model_dir / MODEL_MARKER
+    """Bytes of the model on disk: the completed download's (or mix's), else the plan's weights plus the RAM-side
+    embedding."""
+    from .mix_step import model_marker
+
     try:
-        text = inputs.read_text(marker_path, "the completion marker")
-        return int(sum(inputs.parse_json(text, "the completion marker", marker_path)["files"].values()))
+        return int(sum((model_marker(dep) or {})["files"].values()))
     except (BadInput, ValueError, KeyError, TypeError, AttributeError):
         from ..facts.profiles import load_profile
 
@@ -222,7 +241,8 @@ def _image_cuda(dep: Deployment) -> str | None:
 
 def verify_step(dep: Deployment, reference: Any = None, wait_s: float = 0.0) -> Any:
     """The verify checks against the planned model; with a reference also the tokenizer and KL checks, whose
-    threshold for the deployment reference is the serving-path bound of the planned cache mode and split."""
+    threshold for the deployment reference is the serving-path bound of the planned cache mode and split (and for a
+    full-precision reference the quant's expected KL: a mix's is its estimate)."""
     from ..verify.checks import VerifyRequest, run_verify
     from ..verify.client import read_api_key
     from ..verify.readiness import Expectations
@@ -231,7 +251,7 @@ def verify_step(dep: Deployment, reference: Any = None, wait_s: float = 0.0) -> 
         model_id=dep.model_folder,
         cache_mode=dep.plan.cache_mode,
         context=dep.plan.context,
-        quant=dep.plan.quant,
+        quant=None if dep.plan.mix else dep.plan.quant,
     )
     return run_verify(
         VerifyRequest(
@@ -239,10 +259,24 @@ def verify_step(dep: Deployment, reference: Any = None, wait_s: float = 0.0) -> 
             api_key=read_api_key(str(dep.api_tokens)),
             expect=expect,
             reference=reference,
+            expected_kl=expected_kl(dep.plan),
             profile=dep.plan.profile,
             split=dep.plan.split,
             wait_s=wait_s,
         )
+    )
+
+
+def expected_kl(plan: Plan) -> Any:
+    """A mix's expected KL(FP16||quant) and its basis, for verify's threshold against a full-precision reference
+    (None for a branch: verify reads the profile's measured KL)."""
+    from ..verify.checks import ExpectedKl
+
+    if plan.mix is None:
+        return None
+    return ExpectedKl(
+        plan.mix.expected_kl,
+        f"{plan.mix.name}: expected KL {plan.mix.expected_kl:.4f}, an {plan.mix.kl_basis}",
     )
 
 
@@ -365,24 +399,41 @@ def _gpu_memory(plan: Plan) -> tuple[list[dict[str, Any]] | None, str]:
     return rows, "ok"
 
 
+def model_folders(dep: Deployment) -> list[Path]:
+    """The folders `down --purge` removes: the model's, and a mix's two branches."""
+    from .mix_step import source_dir
+
+    mix = dep.plan.mix
+    return [dep.model_dir] + ([source_dir(dep, mix.lower), source_dir(dep, mix.upper)] if mix else [])
+
+
 def check_purgeable(model_dir: Path) -> None:
     """Only a real folder glm-deploy downloaded into may be deleted: it holds the completion marker or
     huggingface_hub's download metadata. Anything else at that path (a symlink, a file, a folder of other data)
     is left alone (exit 2)."""
+    from ..quant.mix import read_manifest
+
     hint = "remove it by hand if it is really the model; glm-deploy deletes only its own downloads"
     if model_dir.is_symlink() or not model_dir.is_dir():
         raise BadInput(f"{model_dir} is not a folder glm-deploy downloaded (a symlink or a file)", hint)
-    if not ((model_dir / MODEL_MARKER).is_file() or (model_dir / ".cache" / "huggingface").is_dir()):
-        raise BadInput(f"{model_dir} holds no glm-deploy download (no {MODEL_MARKER})", hint)
+    if not (
+        (model_dir / MODEL_MARKER).is_file()
+        or (model_dir / ".cache" / "huggingface").is_dir()
+        or read_manifest(model_dir) is not None
+    ):
+        raise BadInput(f"{model_dir} holds no glm-deploy download (no {MODEL_MARKER}) or mix", hint)
 
 
 def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> dict[str, Any]:
-    """Remove the container; keep models, keys and the reference unless purge (then they go too)."""
+    """Remove the container; keep models (a mix's branches too), keys and the reference unless purge (then they
+    go too)."""
     from . import engine, state
     from .reference_step import reference_path
 
-    if purge and os.path.lexists(dep.model_dir):
-        check_purgeable(dep.model_dir)  # before anything is removed
+    folders = model_folders(dep)
+    for folder in folders if purge else []:
+        if os.path.lexists(folder):
+            check_purgeable(folder)  # before anything is removed
     name = container_name(dep)
     container = engine.find_container(client, name)
     removed = None
@@ -397,9 +448,10 @@ def down_step(dep: Deployment, client: Any, purge: bool, progress: Progress) -> 
     state.clear_state(dep.out_dir)
     purged = []
     if purge:
-        if os.path.lexists(dep.model_dir):
-            shutil.rmtree(dep.model_dir)
-            purged.append(str(dep.model_dir))
+        for folder in folders:
+            if os.path.lexists(folder):
+                shutil.rmtree(folder)
+                purged.append(str(folder))
         for key_file in (dep.api_tokens, dep.key_header, reference_path(dep)):
             if key_file.is_file() and not key_file.is_symlink():
                 key_file.unlink()

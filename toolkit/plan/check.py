@@ -4,26 +4,32 @@ A plan.json can be edited by hand. Before anything is rendered or deployed from 
 glm-deploy could have made: its profile's repository and one of its quants (with that quant's bpw and weights),
 a cache mode TabbyAPI accepts in its own spelling, a split that fits the number of GPUs, a context within the
 model's range with a cache of whole pages, one allocation per planned GPU of the inventory, and no GPU planned
-beyond its usable memory. Any other plan is bad input (exit 2) naming the field.
+beyond its usable memory. A plan deploying a mix (plan.mix) must name it as the planner would: two branches of the
+profile, a target strictly between their sizes that is also the plan's weights, the mix's name as the quant, a
+recipe of profiles/quant_mix.yaml with its current hash, and its KL as the card-point estimate it is. Any other plan
+is bad input (exit 2) naming the field.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .. import validate
 from ..detect.inventory import inventory_from_json
 from ..errors import BadInput
-from ..facts.profiles import ModelProfile, load_profile
+from ..facts.profiles import ModelProfile, Quant, load_profile
 from ..facts.runtime import CACHE_PAGE_TOKENS
 from .gap import download_gb, interpolated_kl
 from .memory import parse_cache_mode, weights_bytes
+from .mix_quant import MixSpec, mix_name, recipe_hash, stand_in
 from .plan import SPLITS, Plan
 
 # The plan's weights_gib is rounded to 0.01 GiB by the planner, as are a mix proposal's GiB figures; its expected
 # KL to 4 decimals.
 WEIGHTS_TOLERANCE_GIB = 0.02
 KL_TOLERANCE = 1e-4
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def plan_from_data(data: Any, source: str) -> Plan:
@@ -56,7 +62,8 @@ def check_plan(plan: Plan, source: str = "plan.json") -> Plan:
     profile = load_profile(plan.profile)
     if plan.hf_repo != profile.hf_repo:
         raise fail(f"hf_repo {plan.hf_repo!r} is not {profile.name}'s repository {profile.hf_repo!r}")
-    quant = next((q for q in profile.quants if q.branch == plan.quant), None)
+    quant = _check_planned_mix(plan, profile, fail) if plan.mix is not None else None
+    quant = quant or next((q for q in profile.quants if q.branch == plan.quant), None)
     if quant is None:
         raise fail(f"quant {plan.quant!r} is not one of {profile.name}'s quants")
     if abs(plan.bpw - quant.bpw) > 1e-9:
@@ -127,6 +134,49 @@ def _check_memory(plan: Plan, fail: Any) -> None:
             )
         if allocation.free_after_mib != allocation.usable_mib - planned:
             raise fail(f"GPU {allocation.index}: free_after_mib does not add up")
+
+
+def _check_planned_mix(plan: Plan, profile: ModelProfile, fail: Any) -> Quant:
+    """The plan's mix as the planner names it (see the module docstring); returns the quant the planner placed."""
+    mix = plan.mix
+    assert mix is not None
+    if profile.mix is None:
+        raise fail(f"mix: profile {profile.name} proposes no mixes")
+    quants = {q.branch: q for q in profile.quants}
+    lower, upper = quants.get(mix.lower), quants.get(mix.upper)
+    if lower is None or upper is None or lower.size_gib >= upper.size_gib:
+        raise fail(
+            f"mix: {mix.lower!r} and {mix.upper!r} are not a smaller and a larger branch of {profile.name}"
+        )
+    if not lower.size_gib < mix.target_gib < upper.size_gib or round(mix.target_gib, 2) != mix.target_gib:
+        raise fail(
+            f"mix.target_gib {mix.target_gib} is not between {lower.branch}'s {lower.size_gib:g} and "
+            f"{upper.branch}'s {upper.size_gib:g} GiB (in hundredths)"
+        )
+    name = mix_name(mix.lower, mix.upper, mix.target_gib)
+    if mix.name != name or plan.quant != name:
+        raise fail(f"mix.name {mix.name!r} and quant {plan.quant!r} are not the mix's name {name!r}")
+    if plan.mix_proposal is not None:
+        raise fail("a plan deploying a mix carries no mix_proposal")
+    if not SHA256.fullmatch(mix.recipe_sha256) or not validate.SAFE_NAME.fullmatch(mix.recipe):
+        raise fail(f"mix.recipe {mix.recipe!r:.60} or its recipe_sha256 is malformed")
+    if recipe_hash(mix.recipe) != mix.recipe_sha256:
+        raise fail(f"mix.recipe {mix.recipe} has changed since the plan was made (recipe_sha256 differs)")
+    expected = interpolated_kl(lower, upper, mix.target_gib)
+    if abs(mix.expected_kl - expected) > KL_TOLERANCE:
+        raise fail(f"mix.expected_kl {mix.expected_kl} is not the card-point estimate {expected:.4f}")
+    basis = mix.kl_basis
+    if not (basis.startswith("estimate:") and lower.branch in basis and upper.branch in basis):
+        raise fail("mix.kl_basis does not say the KL is an estimate between the two branches")
+    if mix.head_bits != lower.head_bits:
+        raise fail(f"mix.head_bits {mix.head_bits} is not {lower.branch}'s {lower.head_bits}")
+    wanted = [(q.branch, download_gb(profile, q)) for q in (lower, upper)]
+    if [(d.branch, d.gb) for d in mix.downloads] != wanted:
+        raise fail(f"mix.downloads is not {wanted}")
+    placed = stand_in(profile, MixSpec(mix.lower, mix.upper, mix.target_gib))
+    if abs(plan.expected.kl - placed.kl_ref_quant) > 1e-9:
+        raise fail(f"expected.kl {plan.expected.kl} is not the mix's estimate {placed.kl_ref_quant}")
+    return placed
 
 
 def _check_mix(plan: Plan, profile: ModelProfile, fail: Any) -> None:

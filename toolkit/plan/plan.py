@@ -91,6 +91,32 @@ class MixProposal:
 
 
 @dataclass(frozen=True)
+class PlannedMix:
+    """The mixed-precision quant a plan deploys (plan.quant is its name): assembled at fetch time from two published
+    branches by a recipe of profiles/quant_mix.yaml (toolkit/plan/mix_quant.py; the commits are pinned at fetch)."""
+
+    name: str  # the model folder and the served model id: mix-<lower>-<upper>-<target>GiB
+    lower: str  # the smaller branch: the mix's base (its lm_head too)
+    upper: str  # the larger branch tensors are taken from
+    recipe: str  # a recipe of profiles/quant_mix.yaml
+    recipe_sha256: str  # the hash of its units (toolkit.quant.recipe.Recipe.sha256), recorded in mix.json too
+    target_gib: float  # VRAM weights at most: the memory plan's weights
+    expected_kl: float  # KL(FP16 || mix), an estimate (kl_basis says how it was made)
+    kl_basis: str
+    head_bits: int  # the lower's lm_head bits, which the mix keeps
+    downloads: tuple[Download, ...]  # lower and upper
+
+    @property
+    def spec(self) -> str:
+        """The mix as `--quant` names it: mix:LOWER+UPPER@GIB."""
+        return f"mix:{self.lower}+{self.upper}@{self.target_gib:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything needed to render and run one TabbyAPI deployment."""
 
@@ -115,6 +141,9 @@ class Plan:
     mix_proposal: MixProposal | None = (
         None  # in the JSON only when there is one (older plans stay byte-identical)
     )
+    mix: PlannedMix | None = (
+        None  # the deployed quant is this mix (in the JSON only then; part of the digest)
+    )
 
     @property
     def device_ids(self) -> list[str]:
@@ -129,8 +158,9 @@ class Plan:
         """JSON-ready form: the `deploy plan --json` contract."""
         data = asdict(self)
         data["inventory"] = self.inventory.to_dict()
-        if self.mix_proposal is None:
-            del data["mix_proposal"]
+        for optional in ("mix_proposal", "mix"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     def digest(self) -> str:
@@ -170,6 +200,7 @@ class Plan:
             inventory=GpuInventory.from_dict(data["inventory"]),
             stack=_stack(data["stack"]),
             mix_proposal=_mix_proposal(data.get("mix_proposal")),
+            mix=_planned_mix(data.get("mix")),
         )
 
 
@@ -178,7 +209,6 @@ def _mix_proposal(data: Any) -> MixProposal | None:
     if data is None:
         return None
     proposal = _typed({"mix_proposal": data}, "mix_proposal", dict)
-    downloads = _typed(proposal, "downloads", (list, tuple))
     return MixProposal(
         lower=_typed(proposal, "lower", str),
         upper=_typed(proposal, "upper", str),
@@ -189,12 +219,35 @@ def _mix_proposal(data: Any) -> MixProposal | None:
         expected_kl=_number(proposal, "expected_kl"),
         kl_basis=_typed(proposal, "kl_basis", str),
         head_bits=_typed(proposal, "head_bits", int),
-        downloads=tuple(
-            Download(
-                branch=_typed(d, "branch", str), gb=_number(_typed({"downloads": d}, "downloads", dict), "gb")
-            )
-            for d in downloads
-        ),
+        downloads=_downloads(proposal),
+    )
+
+
+def _downloads(owner: dict[str, Any]) -> tuple[Download, ...]:
+    return tuple(
+        Download(
+            branch=_typed(d, "branch", str), gb=_number(_typed({"downloads": d}, "downloads", dict), "gb")
+        )
+        for d in _typed(owner, "downloads", (list, tuple))
+    )
+
+
+def _planned_mix(data: Any) -> PlannedMix | None:
+    """The plan's mix, each field of its type (plan.check.check_plan checks what they mean)."""
+    if data is None:
+        return None
+    mix = _typed({"mix": data}, "mix", dict)
+    return PlannedMix(
+        name=_typed(mix, "name", str),
+        lower=_typed(mix, "lower", str),
+        upper=_typed(mix, "upper", str),
+        recipe=_typed(mix, "recipe", str),
+        recipe_sha256=_typed(mix, "recipe_sha256", str),
+        target_gib=_number(mix, "target_gib"),
+        expected_kl=_number(mix, "expected_kl"),
+        kl_basis=_typed(mix, "kl_basis", str),
+        head_bits=_typed(mix, "head_bits", int),
+        downloads=_downloads(mix),
     )
 
 
@@ -263,7 +316,8 @@ class PlanRequest:
     context: int | None = None  # required minimum context; None = the profile's default minimum
     context_max: bool = False  # `--context max`: require the model's maximum context
     cache: str = "auto"  # "auto", "FP16" or "k,v"
-    quant: str | None = None  # fix the quant and maximize context
+    quant: str | None = None  # fix the quant (a branch, or a mix: mix:LOWER+UPPER@GIB) and maximize context
+    mix: bool = False  # `--mix`: deploy the mix the planner proposes for these GPUs (plan.mix_proposal)
     split: str = "auto"  # auto | tp | layer
     headroom_mib: int | None = None  # per-GPU safety margin; None = the documented default
     cuda: str = "auto"  # CUDA variant of the image: auto (from the driver) | 13 | 12

@@ -38,6 +38,9 @@ The rules (pure: no NVML, and no I/O beyond reading profiles/tabbyapi.yaml when 
 - Gap (gap.py): when the chosen quant leaves a meaningful part of the memory unused at the required context with the
   chosen cache mode and split, and no larger branch fits, the plan carries a mix proposal: the chosen branch and a
   larger one, a target size that fits, the estimated KL and the downloads. Not with --quant (the quant was chosen).
+- Mix (mix_quant.py): `--quant mix:LOWER+UPPER@GIB` fixes a mix of two branches as the quant (placed as GIB GiB
+  of weights, its KL the card-point estimate); `--mix` takes the planner's own proposal for these GPUs (planned
+  as above, then placed as that mix). The plan names it (plan.mix); exit 2 when no mix is proposed.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ from .memory import (
     place_tensor_parallel,
     weights_bytes,
 )
+from .mix_quant import default_recipe, is_mix_spec, parse_spec, planned_mix, spec_text, stand_in
 from .plan import ChunkTrade, Expected, GpuAllocation, Plan, PlanRequest, Rejection, Stack
 from .stack import choose_stack
 
@@ -298,8 +302,19 @@ def check_request(profile: ModelProfile, request: PlanRequest) -> None:
         raise BadInput(f"unknown split {request.split!r}", "use auto, tp or layer")
     if request.cache.strip().lower() != "auto":
         parse_cache_mode(request.cache)
-    if request.quant is not None:
+    if request.mix and request.quant is not None:
+        raise BadInput(
+            "--mix takes the planner's proposal; --quant fixes the quant",
+            "pass one of them (a mix of your choice: --quant mix:LOWER+UPPER@GIB)",
+        )
+    if is_mix_spec(request.quant):
+        parse_spec(profile, str(request.quant))
+    elif request.quant is not None:
         profile.quant(request.quant)
+    if request.mix and profile.mix is None:
+        raise BadInput(
+            f"--mix: profile {profile.name} proposes no mixes (it has no mix: section)", "drop --mix"
+        )
     if request.cuda not in CUDA_CHOICES:
         raise BadInput(
             f"--cuda {request.cuda!r} is not one of {', '.join(CUDA_CHOICES)}", "use auto, 13 or 12"
@@ -317,13 +332,18 @@ def plan_with_details(
     check_request(profile, request)
     if not inventory.gpus:
         raise BadInput("the GPU inventory is empty", "give --gpus, e.g. --gpus 8x24GiB")
+    if request.mix:
+        request = _proposed_mix(profile, inventory, request, pin)
     stack = choose_stack(profile, pin or load_tabby_pin(), inventory, request)
     profile = stack.profile  # with the memory terms of the stack's calibration
     required = required_context(profile, request)
     headroom = [room + margin for room, margin in zip(resolve_headroom(inventory, request), stack.margin_mib)]
     splits = allowed_splits(profile, len(inventory.gpus), request.split)
     fixed_mode = None if request.cache.strip().lower() == "auto" else parse_cache_mode(request.cache)
-    fixed_quant = profile.quant(request.quant) if request.quant else None
+    mix_spec = parse_spec(profile, request.quant) if is_mix_spec(request.quant) else None
+    fixed_quant = (
+        stand_in(profile, mix_spec) if mix_spec else profile.quant(request.quant) if request.quant else None
+    )
     usable = [gpu.free_mib - room for gpu, room in zip(inventory.gpus, headroom)]
     search = _Search(profile, usable, splits)
     searches = [search] + [_Search(profile, usable, splits, f) for f in profile.serving.chunk_fallbacks]
@@ -356,7 +376,8 @@ def plan_with_details(
     )
     cache_tokens = cache_size_tokens(context)
     placement = chosen.place(winner.quant, winner.mode, winner.split, cache_tokens)
-    rejected, fitting = _rejections(search, by_kl, winner, compare_mode, required_tokens, fixed_quant)
+    fixed_by = f"the mix {fixed_quant.branch}" if mix_spec else request.quant and f"--quant {request.quant}"
+    rejected, fitting = _rejections(search, by_kl, winner, compare_mode, required_tokens, fixed_by)
     plan = _build_plan(
         profile,
         inventory,
@@ -370,6 +391,8 @@ def plan_with_details(
         rejected,
         chosen.chunk_size,
     )
+    if mix_spec is not None:
+        plan = dataclasses.replace(plan, mix=planned_mix(profile, mix_spec, *default_recipe()))
     if fixed_quant is None:
         gpus = chosen.usable_mib[:1] if plan.split == "single" else chosen.usable_mib
         proposal = propose_mix(
@@ -382,6 +405,23 @@ def plan_with_details(
         chunk_trade=_chunk_trade(search, chosen, winner, required, profile),
     )
     return plan, details
+
+
+def _proposed_mix(
+    profile: ModelProfile, inventory: GpuInventory, request: PlanRequest, pin: TabbyPin | None
+) -> PlanRequest:
+    """--mix: the request with the mix the planner proposes for these GPUs as its quant (exit 2 when none)."""
+    plan = make_plan(profile, inventory, dataclasses.replace(request, mix=False), pin)
+    proposal = plan.mix_proposal
+    if proposal is None:
+        gap = profile.mix.min_gap_gib if profile.mix else 0.0
+        raise BadInput(
+            f"--mix: no mix is proposed here: {plan.quant} leaves less than {gap:g} GiB of the weights budget "
+            "unused at the required context, or no larger branch would fill it",
+            f"deploy {plan.quant} (drop --mix), or name a mix: --quant mix:LOWER+UPPER@GIB",
+        )
+    quant = spec_text(proposal.lower, proposal.upper, proposal.target_gib)
+    return dataclasses.replace(request, mix=False, quant=quant)
 
 
 def _chunk_trade(
@@ -471,9 +511,10 @@ def _rejections(
     winner: Choice,
     probe_mode: CacheMode,
     required_tokens: int,
-    fixed_quant: Quant | None,
+    fixed_by: str | None,
 ) -> tuple[tuple[Rejection, ...], tuple[tuple[Quant, Placement], ...]]:
-    """Every quant but the winner, with the number that decided against it; and those of them that fit."""
+    """Every quant but the winner, with the number that decided against it; and those of them that fit
+    (fixed_by: what fixed the quant, "--quant X" or "the mix X")."""
     rejected = []
     fitting = []
     for quant in by_kl:
@@ -482,8 +523,8 @@ def _rejections(
         placement = search.best_placement(quant, probe_mode, required_tokens)
         if not placement.fits:
             reason = _shortfall_reason(placement, required_tokens, probe_mode)
-        elif fixed_quant is not None:
-            reason = f"fits, but --quant {fixed_quant.branch} was requested"
+        elif fixed_by is not None:
+            reason = f"fits, but {fixed_by} was requested"
         else:
             reason = (
                 f"fits, but KL {quant.kl_ref_quant:.4f} > {winner.quant.kl_ref_quant:.4f} of "

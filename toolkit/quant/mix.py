@@ -332,7 +332,7 @@ def check_target_folder(text: str, sources: Sequence[MixSource]) -> Path:
             raise BadInput(
                 f"--out {out} overlaps the source {source.path}", "write the mix to its own folder"
             )
-    if out.is_dir() and any(out.iterdir()) and _own_manifest(out) is None:
+    if out.is_dir() and any(out.iterdir()) and read_manifest(out) is None:
         raise BadInput(
             f"--out {out} exists and is not a mix made by `deploy quant mix`",
             "choose a new folder or remove it",
@@ -340,7 +340,8 @@ def check_target_folder(text: str, sources: Sequence[MixSource]) -> Path:
     return out
 
 
-def _own_manifest(folder: Path) -> dict[str, Any] | None:
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The mix.json of a mix made by `deploy quant mix` in folder, or None."""
     path = folder / MIX_MANIFEST
     if not path.is_file():
         return None
@@ -651,7 +652,7 @@ def _reusable(prepared: PreparedMix) -> dict[str, Any] | None:
     """The manifest at --out when it is this very mix and the folder still checks out (not with --force)."""
     if prepared.force:
         return None
-    manifest = _own_manifest(prepared.out)
+    manifest = read_manifest(prepared.out)
     if (
         manifest is None
         or manifest.get("key") != prepared.key

@@ -294,6 +294,8 @@ def render_files(
         "files": {name: _sha256(text) for name, (text, _) in sorted(files.items()) if name != API_TOKENS},
         "api_tokens": API_TOKENS,
     }
+    if plan.mix is not None:  # the model folder is assembled from two branches (`deploy mix-model`)
+        manifest["mix"] = plan.mix.to_dict()
     files[MANIFEST] = (json.dumps(manifest, indent=2) + "\n", 0o644)
     return files
 

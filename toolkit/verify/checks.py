@@ -31,7 +31,9 @@ from .reference import (
 # graining) on different text than the card's wikitext, so it sits near or below the card's value for a healthy
 # quant, while the next smaller quant in the GLM-4.7 catalog has >= 1.3-2x the KL (4bpw 0.136 vs 3bpw 0.285,
 # 3bpw vs 2bpw 0.759): a wrong branch, broken weights or a broken cache lands well above 1.5x. It cannot tell
-# 6 from 8 bpw (0.078 vs 0.072); pin --max-kl for that.
+# 6 from 8 bpw (0.078 vs 0.072); pin --max-kl for that. A deployed mix has no measured KL: its expected KL is the
+# card-point estimate (log-KL interpolated at its size between its two branches, toolkit/plan/mix_quant.py), and
+# the same factor applies to it.
 KL_TOLERANCE_FACTOR = 1.5
 # A reference computed in-process from a quant folder (the deployment reference, `deploy reference deployment`)
 # is compared with the server serving that folder: the threshold is the serving-path bound for the server's cache
@@ -59,6 +61,15 @@ class Check:
 
 
 @dataclass(frozen=True)
+class ExpectedKl:
+    """The served quant's expected KL(FP16||quant) where the profile has no measurement of it (a planned mix: the
+    card-point estimate), with where it comes from."""
+
+    value: float
+    source: str
+
+
+@dataclass(frozen=True)
 class VerifyRequest:
     """Everything `deploy verify` needs."""
 
@@ -74,6 +85,9 @@ class VerifyRequest:
     timeout_s: float = REQUEST_TIMEOUT_S  # one request
     deadline_s: float = VERIFY_TIMEOUT_S  # every check together, after the wait
     split: str | None = None  # single | tp | layer: named with the serving-path bound
+    expected_kl: ExpectedKl | None = (
+        None  # a mix's estimate: the full-precision threshold when no quant is named
+    )
 
 
 @dataclass(frozen=True)
@@ -307,6 +321,9 @@ def kl_threshold(request: VerifyRequest, served: dict[str, Any] | None) -> tuple
 
     profile = load_profile(request.profile)
     quant_name = request.expect.quant
+    if quant_name is None and request.expected_kl is not None:
+        expected = request.expected_kl
+        return expected.value * KL_TOLERANCE_FACTOR, f"{expected.source} x {KL_TOLERANCE_FACTOR}"
     if quant_name is None and served_id:
         matches = [q.branch for q in profile.quants if q.branch in served_id]
         quant_name = max(matches, key=len) if matches else None

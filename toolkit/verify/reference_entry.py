@@ -10,9 +10,10 @@ one line at a time, so a container log reads as progress. `deploy reference depl
 in the built image with this package mounted read-only; `deploy reference compute` calls compute() directly.
 
 Imports only the standard library, numpy and yaml at start (what the TabbyAPI image has), torch and exllamav3 once
-a model is loaded. Where exllamav3 is absent, the environment variable GLM_DEPLOY_REFERENCE_TEST_DOUBLE may name a
-module whose reference_double(model_dir) stands in for it: only the CPU test image sets it, every line then says
-TEST DOUBLE, and the file records it. Without exllamav3 and without that variable it exits 4.
+a model is loaded. The environment variable GLM_DEPLOY_REFERENCE_TEST_DOUBLE may name a module whose
+reference_double(model_dir) stands in for exllamav3: only the CPU test image sets it (that image also carries the
+mix assembly's exllamav3 test double, which cannot compute), every line then says TEST DOUBLE, and the file
+records it. Without exllamav3 and without that variable it exits 4.
 """
 
 from __future__ import annotations
@@ -62,18 +63,18 @@ class LoadableBackend(Protocol):
 
 
 def open_backend(model_dir: Path, device: str = "auto") -> LoadableBackend:
-    """exllamav3 when installed; else the test double GLM_DEPLOY_REFERENCE_TEST_DOUBLE names; else exit 4."""
+    """The test double GLM_DEPLOY_REFERENCE_TEST_DOUBLE names, when set; else exllamav3; else exit 4."""
     if not model_dir.is_dir():
         raise BadInput(f"--model-dir {model_dir} is not a folder", "pass the model's folder")
-    if importlib.util.find_spec("exllamav3") is None:
-        double = os.environ.get(TEST_DOUBLE_ENV)
-        if not double:
-            raise EnvironmentMissing(
-                "the reference computation needs exllamav3 and torch, which are not installed here",
-                "run it in the deployment's image (`deploy reference deployment`) or install glm-deploy[gpu]",
-            )
+    double = os.environ.get(TEST_DOUBLE_ENV)
+    if double:
         module = importlib.import_module(double)
         return module.reference_double(model_dir)  # type: ignore[no-any-return]
+    if importlib.util.find_spec("exllamav3") is None:
+        raise EnvironmentMissing(
+            "the reference computation needs exllamav3 and torch, which are not installed here",
+            "run it in the deployment's image (`deploy reference deployment`) or install glm-deploy[gpu]",
+        )
     from .exl3_backend import Exl3Backend
 
     return Exl3Backend(model_dir, device)

@@ -217,3 +217,15 @@ def make_quant(
 def wider(shape: Shape, **changes: int) -> Shape:
     """The shape with some dimensions changed (another model)."""
     return replace(shape, **changes)
+
+
+MIX_LOWER, MIX_UPPER = "2.57bpw-tuned", "3.15bpw-tuned"  # GLM-4.7 branches a planned mix names
+
+
+def mix_branches(root: Path, upper_codebook: str = "mcg") -> dict[str, Path]:
+    """Two small EXL3 quants of one model standing in for GLM-4.7's 2.57bpw-tuned (2 bits) and 3.15bpw-tuned
+    (4 bits), as the fake hub serves them (branch -> folder); upper_codebook other than mcg: unmixable branches."""
+    return {
+        MIX_LOWER: make_quant(root / MIX_LOWER, 2),
+        MIX_UPPER: make_quant(root / MIX_UPPER, 4, codebook=upper_codebook),
+    }

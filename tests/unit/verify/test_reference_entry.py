@@ -70,6 +70,16 @@ def test_entry_point_with_the_test_double_writes_the_reference_and_what_it_was_m
     assert not [p for p in out.iterdir() if p.name != DEPLOYMENT_REFERENCE]  # no temp file left behind
 
 
+def test_the_named_test_double_wins_over_an_importable_exllamav3(quant_folder, monkeypatch):
+    """The CPU test image carries the mix assembly's exllamav3 TEST DOUBLE, which cannot compute: where the variable
+    names the reference's double, that one computes."""
+    monkeypatch.setenv(reference_entry.TEST_DOUBLE_ENV, DOUBLE)
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "exllamav3_double"))
+    assert reference_entry.importlib.util.find_spec("exllamav3") is not None
+    backend = reference_entry.open_backend(quant_folder)
+    assert backend.name.startswith("test-double") and backend.model_id == "4bpw_H6"
+
+
 def test_entry_point_without_exllamav3_or_a_test_double_exits_4(quant_folder, tmp_path, monkeypatch, capsys):
     """Never silently a test double: without the variable, a host without exllamav3 is an environment problem."""
     monkeypatch.delenv(reference_entry.TEST_DOUBLE_ENV, raising=False)
