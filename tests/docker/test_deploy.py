@@ -606,6 +606,9 @@ def test_auto_deploys_a_mix_of_two_branches_end_to_end(docker_client, tabby_imag
         assert step.returncode == 0 and "mix assembled" not in step.stdout and "reused" in step.stderr
         verified = _json(site.deploy("verify", "--out", str(site.out), "--json"))
         assert verified["passed"] and verified["model"]["id"] == MIX_NAME
+        purged = _json(site.deploy("down", "--out", str(site.out), "--purge", "--json"))["purged"]
+        assert [str(site.models / name) for name in (MIX_NAME, MIX_LOWER, MIX_UPPER)] == purged[:3]
+        assert not list(site.models.iterdir())
 
 
 def test_auto_refuses_unmixable_branches_before_anything_is_built(docker_client, tmp_path) -> None:

@@ -129,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     )
     out.print(f"  API key file: {bundle.api_tokens} (mode 0600, mounted read-only; send it as X-API-Key)")
     out.print(f"  model folder expected at: {bundle.models_dir}/{bundle.model_folder}")
+    if plan.mix is not None:
+        out.print(
+            f"  the mix is assembled there from {plan.mix.lower} and {plan.mix.upper}: `deploy fetch-model`, "
+            f"`deploy build`, `deploy mix-model` (each --out {bundle.out_dir}), or `deploy auto`"
+        )
     out.print(
         f"  next: docker compose -f {bundle.compose} up -d --build   (or `deploy up --out {bundle.out_dir}`)"
     )

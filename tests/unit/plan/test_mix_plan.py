@@ -155,6 +155,7 @@ REFUSED_PLANS = {
     "name": (mix_field("name", "mix-x"), "are not the mix's name"),
     "quant a branch": (lambda d: d.__setitem__("quant", "3.15bpw-tuned"), "are not the mix's name"),
     "lower unknown": (mix_field("lower", "9bpw"), "are not a smaller and a larger branch"),
+    "lower a path": (mix_field("lower", "../../victim"), "are not a smaller and a larger branch"),
     "upper smaller": (mix_field("upper", "2bpw_H6"), "are not a smaller and a larger branch"),
     "target above the upper": (mix_field("target_gib", 130.0), "is not between"),
     "target bigger, memory kept": (renamed(111.0), "bpw 2.67688"),
