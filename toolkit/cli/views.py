@@ -160,8 +160,7 @@ def gap_line(proposal: MixProposal, plan: Plan, required: int | str) -> str:
         f"gap: {proposal.free_gib_before:.1f} GiB of weights unused at {required} tokens (cache {plan.cache_mode}, "
         f"{plan.split}) -> mix {proposal.lower} + {proposal.upper} at {proposal.target_gib:g} GiB, KL "
         f"~{proposal.expected_kl:.2f} (estimate, interpolated between the card's points; {proposal.lower} alone "
-        f"{plan.expected.kl:.2f}) -- deploy quant mix --lower models/{proposal.lower} --upper "
-        f"models/{proposal.upper} --target-gib {proposal.target_gib:g} (downloads {sizes})"
+        f"{plan.expected.kl:.2f}) -- add --mix to plan or deploy it (`deploy auto --mix`; downloads {sizes})"
     )
 
 

@@ -86,7 +86,7 @@ def test_the_plan_table_shows_the_gap_in_one_line_and_json_carries_it() -> None:
     gap = [line for line in table.stdout.splitlines() if line.startswith("gap: ")]
     assert len(gap) == 1
     assert "-> mix 2.57bpw-tuned + 3.15bpw-tuned at " in gap[0] and "(estimate" in gap[0]
-    assert "deploy quant mix --lower models/2.57bpw-tuned --upper models/3.15bpw-tuned --target-gib" in gap[0]
+    assert "deploy auto --mix" in gap[0] and "2.57bpw-tuned + 3.15bpw-tuned" in gap[0]
     shown = subprocess.run(
         [*command, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
