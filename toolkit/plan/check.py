@@ -22,7 +22,7 @@ from ..facts.profiles import ModelProfile, Quant, load_profile
 from ..facts.runtime import CACHE_PAGE_TOKENS
 from .gap import download_gb, interpolated_kl
 from .memory import parse_cache_mode, weights_bytes
-from .mix_quant import MixSpec, mix_name, recipe_hash, stand_in
+from .mix_quant import MixSpec, mix_name, recipe_hash, size_range, stand_in
 from .plan import SPLITS, Plan
 
 # The plan's weights_gib is rounded to 0.01 GiB by the planner, as are a mix proposal's GiB figures; its expected
@@ -148,10 +148,11 @@ def _check_planned_mix(plan: Plan, profile: ModelProfile, fail: Any) -> Quant:
         raise fail(
             f"mix: {mix.lower!r} and {mix.upper!r} are not a smaller and a larger branch of {profile.name}"
         )
-    if not lower.size_gib < mix.target_gib < upper.size_gib or round(mix.target_gib, 2) != mix.target_gib:
+    low, high = size_range(profile, lower, upper)
+    if not low < mix.target_gib < high or round(mix.target_gib, 2) != mix.target_gib:
         raise fail(
-            f"mix.target_gib {mix.target_gib} is not between {lower.branch}'s {lower.size_gib:g} and "
-            f"{upper.branch}'s {upper.size_gib:g} GiB (in hundredths)"
+            f"mix.target_gib {mix.target_gib} is not between {lower.branch}'s {low:.2f} and {upper.branch}'s "
+            f"{high:.2f} GiB (in hundredths)"
         )
     name = mix_name(mix.lower, mix.upper, mix.target_gib)
     if mix.name != name or plan.quant != name:

@@ -9,9 +9,12 @@
   target size (gap.py's estimate, said to be one in kl_basis); top-K agreement and perplexity linearly.
 - The recipe (name and hash of its units) is the default of profiles/quant_mix.yaml, recorded so that a changed
   recipe file is noticed (plan.check refuses the plan, `deploy plan` makes a new one).
-- At fetch time the downloaded branches' exact sizes are known: source_target_bytes puts the mix at the same
-  share of the way from the lower to the upper as the target lies between their card sizes (the point the KL was
-  interpolated at), never above the planned bytes.
+- The target lies strictly between the two branches' sizes: their card sizes (the KL estimate's frame) and their
+  VRAM weights as the memory model counts them (exllamav3's storage rules, memory.weights_bytes).
+- At fetch time the downloaded branches' exact sizes are known: source_target_bytes puts the mix at the share of the
+  way from the lower to the upper at which the target lies between their memory-model sizes, never above the planned
+  bytes. For the published branches, whose stored bytes the memory model counts exactly, that is the planned bytes;
+  smaller stand-ins of them (the tests' branches) get the same share.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .. import validate
 from ..errors import BadInput
 from ..facts.profiles import ModelProfile, Quant
 from .gap import download_gb, interpolated_kl, kl_basis, uniform_quant
-from .memory import GIB
+from .memory import GIB, weights_bytes
 from .plan import Download, PlannedMix
 
 PREFIX = "mix:"
@@ -75,14 +78,25 @@ def parse_spec(profile: ModelProfile, text: str) -> MixSpec:
             f"({upper.size_gib:g} GiB)",
             f"name the smaller branch first: mix:{upper.branch}+{lower.branch}@GIB",
         )
-    if not lower.size_gib < target < upper.size_gib:
+    low, high = size_range(profile, lower, upper)
+    if not low < target < high:
         raise BadInput(
-            f"--quant {text}: {target:g} GiB is not between {lower.branch}'s {lower.size_gib:g} and "
-            f"{upper.branch}'s {upper.size_gib:g} GiB",
+            f"--quant {text}: {target:g} GiB is not between {lower.branch}'s {low:.2f} and {upper.branch}'s "
+            f"{high:.2f} GiB of weights",
             f"give a size between them, or deploy a branch as it is (--quant {lower.branch})",
         )
     mix_name(lower.branch, upper.branch, target)
     return MixSpec(lower.branch, upper.branch, target)
+
+
+def size_range(profile: ModelProfile, lower: Quant, upper: Quant) -> tuple[float, float]:
+    """GiB a mix of the two must lie strictly between: above both sizes of the lower (card, memory model), below
+    both of the upper."""
+    arch = profile.architecture
+    return (
+        max(lower.size_gib, weights_bytes(arch, lower) / GIB),
+        min(upper.size_gib, weights_bytes(arch, upper) / GIB),
+    )
 
 
 def _between(low: float, high: float, share: float) -> float:
@@ -150,7 +164,10 @@ def recipe_hash(name: str) -> str:
 
 def source_target_bytes(profile: ModelProfile, mix: PlannedMix, lower_bytes: int, upper_bytes: int) -> int:
     """The mix's target in VRAM bytes once the branches' exact sizes are known: at the share of the way from the
-    lower to the upper where the planned target lies between their card sizes, and never above the planned bytes."""
-    lower, upper = profile.quant(mix.lower), profile.quant(mix.upper)
-    share = (mix.target_gib - lower.size_gib) / (upper.size_gib - lower.size_gib)
-    return min(int(mix.target_gib * GIB), lower_bytes + int(share * (upper_bytes - lower_bytes)))
+    lower to the upper where the planned target lies between their memory-model sizes, never above the planned
+    bytes."""
+    arch = profile.architecture
+    low, high = (weights_bytes(arch, profile.quant(b)) for b in (mix.lower, mix.upper))
+    planned = int(mix.target_gib * GIB)
+    share = (planned - low) / (high - low)
+    return min(planned, lower_bytes + int(share * (upper_bytes - lower_bytes)))

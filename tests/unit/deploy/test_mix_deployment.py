@@ -24,6 +24,7 @@ from toolkit.detect.gpu_spec import parse_gpu_spec
 from toolkit.errors import EnvironmentMissing
 from toolkit.facts.layout import MODEL_MARKER
 from toolkit.facts.profiles import load_profile
+from toolkit.plan.memory import weights_bytes
 from toolkit.plan.plan import PlanRequest
 from toolkit.plan.planner import make_plan
 from toolkit.quant.mix import MIX_MANIFEST
@@ -128,7 +129,10 @@ def test_fetch_then_mix_then_the_model_is_in_place(tmp_path: Path) -> None:
         ]
         assert mixed["recipe"]["sha256"] == load_deployment(out).plan.mix.recipe_sha256  # type: ignore[union-attr]
         lower, upper = read_storage(models / MIX_LOWER), read_storage(models / MIX_UPPER)
-        share = (110 - 105) / (129 - 105)  # where 110 GiB lies between the card's 105 and 129 GiB
+        # 110 GiB at its share of the way between the branches as exllamav3 stores GLM-4.7's (the memory model)
+        arch = load_profile("glm-4.7").architecture
+        low, high = (weights_bytes(arch, load_profile("glm-4.7").quant(b)) for b in (MIX_LOWER, MIX_UPPER))
+        share = (110 * 2**30 - low) / (high - low)
         assert mixed["target_bytes"] == lower.vram_bytes + int(share * (upper.vram_bytes - lower.vram_bytes))
         assert lower.vram_bytes < mixed["actual_bytes"] <= mixed["target_bytes"]
         manifest = json.loads((models / NAME / MIX_MANIFEST).read_text())

@@ -17,7 +17,7 @@ from toolkit.errors import BadInput
 from toolkit.facts.profiles import load_profile
 from toolkit.plan.check import plan_from_data
 from toolkit.plan.gap import interpolated_kl
-from toolkit.plan.memory import GIB
+from toolkit.plan.memory import GIB, weights_bytes
 from toolkit.plan.mix_quant import source_target_bytes
 from toolkit.plan.plan import Plan, PlanRequest
 from toolkit.plan.planner import make_plan
@@ -117,17 +117,26 @@ def test_mix_without_a_proposal_or_with_quant_is_refused() -> None:
 
 
 def test_the_mix_target_between_the_downloaded_branches() -> None:
-    """The planned 110 GiB lies 5/24 of the way from 105 to 129 GiB: the mix goes there between the branches'
-    exact sizes, never above the planned bytes."""
+    """The planned 110 GiB at its share of the way between the branches' sizes (the memory model's, exact for the
+    published branches): the published branches give the planned bytes, small stand-ins the same share, and never
+    more than the planned bytes."""
     mix = plan_for(quant=SPEC).mix
     assert mix is not None
-    share = (110 - 105) / (129 - 105)
-    small = source_target_bytes(PROFILE, mix, 1_000_000, 3_400_000)  # tiny test branches
-    assert small == 1_000_000 + int(share * 2_400_000)
-    real = source_target_bytes(PROFILE, mix, int(104.6 * GIB), int(129.3 * GIB))
-    assert real == int(104.6 * GIB) + int(share * (int(129.3 * GIB) - int(104.6 * GIB))) < 110 * GIB
-    large = source_target_bytes(PROFILE, mix, int(106 * GIB), int(131 * GIB))  # branches larger than the card
-    assert large == 110 * GIB
+    low, high = (weights_bytes(PROFILE.architecture, QUANTS[b]) for b in (mix.lower, mix.upper))
+    planned = 110 * GIB
+    assert source_target_bytes(PROFILE, mix, low, high) == pytest.approx(planned, abs=1)
+    share = (planned - low) / (high - low)
+    assert source_target_bytes(PROFILE, mix, 1_000_000, 3_400_000) == 1_000_000 + int(share * 2_400_000)
+    assert source_target_bytes(PROFILE, mix, low + GIB, high + GIB) == planned  # larger branches: capped
+
+
+def test_a_mix_lies_between_the_memory_models_sizes_too() -> None:
+    """2.57bpw-tuned is 105 GiB on the card and more as exllamav3 stores it: 105.5 GiB is no mix of it."""
+    lower = weights_bytes(PROFILE.architecture, QUANTS["2.57bpw-tuned"]) / GIB
+    assert 105 < lower < 106
+    with pytest.raises(BadInput) as refused:
+        plan_for(quant="mix:2.57bpw-tuned+3.15bpw-tuned@105.5")
+    assert f"is not between 2.57bpw-tuned's {lower:.2f}" in refused.value.line()
 
 
 def edited(change: Any) -> dict[str, Any]:
@@ -158,7 +167,7 @@ REFUSED_PLANS = {
     "lower a path": (mix_field("lower", "../../victim"), "are not a smaller and a larger branch"),
     "upper smaller": (mix_field("upper", "2bpw_H6"), "are not a smaller and a larger branch"),
     "target above the upper": (mix_field("target_gib", 130.0), "is not between"),
-    "target bigger, memory kept": (renamed(111.0), "bpw 2.67688"),
+    "target bigger, memory kept": (renamed(111.0), "is not mix-2.57bpw-tuned-3.15bpw-tuned-111GiB's"),
     "target in thousandths": (mix_field("target_gib", 110.001), "in hundredths"),
     "recipe unknown": (mix_field("recipe", "fast"), "is not a recipe"),
     "recipe a file": (mix_field("recipe", "/tmp/evil.yaml"), "is malformed"),
