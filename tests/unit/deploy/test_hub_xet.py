@@ -26,7 +26,7 @@ from toolkit.plan.plan import PlanRequest
 from toolkit.plan.planner import make_plan
 from toolkit.render.bundle import RenderOptions, render_bundle
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 REPO = "mratsim/GLM-4.7-EXL3"
 QUANT = "3bpw_H6"
 SHARD = "model-00001-of-00001.safetensors"
