@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import inputs, redact, validate
+from .. import disk, inputs, redact, validate
 from ..atomic import write_text
 from ..errors import BadInput, EnvironmentMissing, ToolkitError
 from ..facts.layout import MODEL_MARKER
@@ -375,24 +374,7 @@ def verify_files(snapshot: RemoteSnapshot, target: Path) -> list[str]:
 
 def check_disk(target: Path, need_bytes: int) -> None:
     """Free space at the models folder must cover what is left to download plus a margin (exit 4 otherwise)."""
-    if need_bytes <= 0:
-        return
-    probe = target
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    want = need_bytes + disk_margin_bytes(need_bytes)
-    if free < want:
-        raise EnvironmentMissing(
-            f"not enough disk at {probe}: {_gib(free)} GiB free, the model needs {_gib(want)} GiB "
-            f"({_gib(need_bytes)} GiB + margin)",
-            "free disk space or pass --models-dir on a larger disk",
-        )
-
-
-def disk_margin_bytes(need_bytes: int) -> int:
-    """Headroom kept free beside a download: 2 GiB plus 2 % (logs, temp files, filesystem slack)."""
-    return 2 * 2**30 + need_bytes // 50
+    disk.check_free(target, need_bytes, "the model", "free disk space or pass --models-dir on a larger disk")
 
 
 def _download(

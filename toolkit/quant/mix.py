@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import inputs, validate
+from .. import disk, inputs, validate
 from ..atomic import write_text
 from ..errors import BadInput, EnvironmentMissing, ToolkitError, VerificationFailed
 from ..facts.layout import MODEL_MARKER
@@ -420,24 +420,11 @@ def _other_files_bytes(folder: Path) -> int:
     return 2 * total  # config.json and quantization_config.json are written anew, a little larger
 
 
-def disk_margin_bytes(need_bytes: int) -> int:
-    """Headroom kept free beside the mix: 2 GiB plus 2 %, the margin `deploy fetch-model` keeps."""
-    return 2 * GIB + need_bytes // 50
-
-
 def check_disk(out: Path, need_bytes: int) -> None:
     """Free space where the mix is written must cover it plus the margin (exit 4 otherwise)."""
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    want = need_bytes + disk_margin_bytes(need_bytes)
-    if free < want:
-        raise EnvironmentMissing(
-            f"not enough disk at {probe}: {gib(free)} GiB free, the mix needs {gib(want)} GiB "
-            f"({gib(need_bytes)} GiB + margin)",
-            "free disk space or pass --out on a larger disk",
-        )
+    disk.check_free(
+        out.parent, need_bytes, "the mix", "free disk space or pass --out on a larger disk", digits=3
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- running

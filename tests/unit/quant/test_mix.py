@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from toolkit import disk
 from toolkit.cli.quant_mix import shortfall_note
 from toolkit.errors import BadInput, EnvironmentMissing, VerificationFailed
 from toolkit.facts.layout import MODEL_MARKER
@@ -206,7 +207,7 @@ def test_not_enough_disk_is_exit_4_before_anything_is_written(quant, tmp_path, m
     monkeypatch.setattr(mix.shutil, "disk_usage", lambda _: usage(10 * GIB, 10 * GIB - 2 * GIB, 2 * GIB))
     with pytest.raises(EnvironmentMissing) as caught:
         mix.prepare(_request(lower, upper, out, _middle(lower, upper)))
-    need = prepared.disk_bytes + mix.disk_margin_bytes(prepared.disk_bytes)
+    need = prepared.disk_bytes + disk.margin_bytes(prepared.disk_bytes)
     assert caught.value.exit_code == 4 and f"the mix needs {need / GIB:.3f} GiB" in caught.value.line()
     assert not out.exists() and not _leftovers(out.parent)
 
